@@ -1,0 +1,240 @@
+"""The ``course`` command: check, data, exercises, grade, train.
+
+User mistakes (an unknown model, a missing data root, a bad budget name) end
+in one line starting with ``error:`` and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .runtime import BUDGET_ENV, CourseError, check_budget
+
+
+def _repo_folder(name: str) -> Path:
+    """``solutions/`` or ``exercises/``: in the working directory, else beside the package."""
+    here = Path.cwd() / name
+    if here.is_dir():
+        return here
+    return Path(__file__).resolve().parent.parent / name
+
+
+# -- course check ------------------------------------------------------------------
+def cmd_check(args) -> int:
+    from . import data
+    from .checkpoints import checkpoint_dir
+    from .runtime import describe_environment
+
+    info = describe_environment()
+    print("Deep generative models course: environment check")
+    for key, value in info.items():
+        print(f"  {key:<12} {value}")
+    root = data.data_root(args.root)
+    print(f"  {'data root':<12} {root}")
+    problems, notes = [], []
+    have_train = data.split_available("train", root)
+    have_test = data.split_available("test", root)
+    for split, present in (("train", have_train), ("test", have_test)):
+        status = "missing"
+        if present:
+            try:
+                ds = data.mnist(split, root=root, download=False, budget_name="full")
+                status = f"found, {len(ds):,} images, verified"
+            except CourseError as err:
+                status = "CORRUPT"
+                problems.append(str(err))
+        print(f"  {'MNIST ' + split:<12} {status}")
+    if not have_test:
+        problems.append(f"MNIST is not in {root / 'MNIST' / 'raw'}: run `course data --root {root}` "
+                        f"or set ${data.DATA_ENV}")
+    elif not have_train:
+        notes.append("only the test split is here: the smoke budget trains on its first 8,000 images "
+                     f"and holds out the last 2,000; other budgets need the train split, or "
+                     f"{data.TEST_SPLIT_ENV}=1 to use that split too")
+    print(f"  {'checkpoints':<12} {checkpoint_dir()}")
+    if info["device"] == "cpu":
+        notes.append("no GPU found: the classroom budget is the default and runs every notebook "
+                     "on this CPU in minutes")
+    for note in notes:
+        print(f"note: {note}")
+    if problems:
+        for problem in problems:
+            print(f"problem: {problem}")
+        print("verdict: NOT READY - fix the problems above")
+        return 1
+    print(f"verdict: READY (budget {info['budget']}, device {info['device']})")
+    return 0
+
+
+# -- course data -------------------------------------------------------------------
+def cmd_data(args) -> int:
+    from . import data
+
+    root = data.data_root(args.root)
+    print(f"MNIST in {root / 'MNIST' / 'raw'}")
+    failures = 0
+    for split in ("train", "test"):
+        try:
+            ds = data.MNIST(root, train=(split == "train"), download=not args.no_download)
+            print(f"  {split}: ok, {len(ds):,} images (magic numbers and sizes verified)")
+        except CourseError as err:
+            failures += 1
+            print(f"  {split}: {err}")
+    if failures == 2:
+        raise CourseError(f"no MNIST split could be found or downloaded in {root}")
+    if failures:
+        print("verdict: partial - see above (the test split alone is enough for the smoke budget)")
+        return 1
+    print("verdict: ready")
+    return 0
+
+
+# -- course exercises ----------------------------------------------------------------
+def cmd_exercises(args) -> int:
+    from . import exercises
+
+    solutions = Path(args.solutions) if args.solutions else _repo_folder("solutions")
+    target = Path(args.exercises) if args.exercises else _repo_folder("exercises")
+    if not solutions.is_dir():
+        raise CourseError(f"no solutions folder at {solutions}")
+    if args.action == "build":
+        written = exercises.build_all(solutions, target)
+        for path in written:
+            print(f"wrote {path}")
+        print(f"built {len(written)} exercise notebook(s) from {solutions}")
+        return 0
+    problems = exercises.check_all(solutions, target)
+    if problems:
+        for problem in problems:
+            print(f"stale: {problem}")
+        print("exercises/ is out of date: run `course exercises build`")
+        return 1
+    print(f"exercises/ is up to date with {solutions}")
+    return 0
+
+
+# -- course grade ------------------------------------------------------------------
+def cmd_grade(args) -> int:
+    from . import grading
+
+    missing = [p for p in args.submissions if not Path(p).exists()]
+    if missing:
+        raise CourseError(f"no such submission: {', '.join(missing)}")
+    solutions = Path(args.solutions) if args.solutions else _repo_folder("solutions")
+    grades = grading.grade_many(args.submissions, out_dir=args.out, solutions_dir=solutions,
+                                timeout=args.timeout, tasks=args.task or None)
+    if args.out:
+        print(f"wrote {Path(args.out) / 'grades.csv'} and {Path(args.out) / 'grades.json'}")
+    return 0 if grades else 1
+
+
+# -- course train ------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from . import data, registry
+    from .checkpoints import save_checkpoint
+    from .runtime import get_device, seed_everything
+
+    spec = registry.get(args.model)
+    budget_name = check_budget(args.budget or os.environ.get(BUDGET_ENV) or _default_budget())
+    os.environ[BUDGET_ENV] = budget_name  # the data module and the spec read it
+    if args.test_split:
+        os.environ[data.TEST_SPLIT_ENV] = "1"
+    if args.root:
+        os.environ[data.DATA_ENV] = str(Path(args.root).expanduser().resolve())
+    if not data.split_available("test"):
+        raise CourseError(f"MNIST not found in {data.raw_folder()}: run `course data` or pass --root")
+    device = get_device(args.device)
+    seed_everything(args.seed)
+    config = dict(spec.make_config(budget_name))
+    config.update(seed=args.seed, max_seconds=args.max_seconds,
+                  data=data.training_data_description())
+    print(f"training {spec.name} ({spec.description}) | budget {budget_name} | device {device} | "
+          f"data: {config['data']}")
+    model = spec.build(config)
+    start = time.monotonic()
+    train_info = spec.train(model, config, device, args.max_seconds) or {}
+    seconds = time.monotonic() - start
+    metrics = dict(spec.evaluate(model, config, device))
+    metrics.update(train_info)
+    metrics.update(model=spec.name, budget=budget_name, device=str(device), seed=args.seed,
+                   train_seconds=round(seconds, 1), train_data=config["data"],
+                   parameters=sum(p.numel() for p in model.parameters()))
+    path = save_checkpoint(spec.name, model, config, metrics, directory=args.checkpoint_dir)
+    out = Path(args.out or Path("runs") / f"{spec.name}-{budget_name}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    for key, value in metrics.items():
+        print(f"  {key:<22} {value}")
+    print(f"checkpoint: {path}")
+    print(f"metrics:    {out / 'metrics.json'}")
+    return 0
+
+
+def _default_budget() -> str:
+    from .runtime import budget
+
+    return budget()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="course", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("check", help="versions, device, budget and data, with a verdict")
+    p.add_argument("--root", help="data root (default: $COURSE_DATA_DIR or the cache)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("data", help="download MNIST, or verify files placed by hand")
+    p.add_argument("--root", help="data root (default: $COURSE_DATA_DIR or the cache)")
+    p.add_argument("--no-download", action="store_true", help="only verify what is there")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("exercises", help="build exercises/ from solutions/, or check it is fresh")
+    p.add_argument("action", choices=["build", "check"])
+    p.add_argument("--solutions", help="solutions folder (default: ./solutions)")
+    p.add_argument("--exercises", help="exercises folder (default: ./exercises)")
+    p.set_defaults(func=cmd_exercises)
+
+    p = sub.add_parser("grade", help="grade submissions (files or folders) against solutions/")
+    p.add_argument("submissions", nargs="+", help="notebooks, or folders of notebooks")
+    p.add_argument("--solutions", help="solutions folder (default: ./solutions)")
+    p.add_argument("--out", help="write grades.csv and grades.json here")
+    p.add_argument("--timeout", type=float, default=300, help="seconds allowed per task")
+    p.add_argument("--task", action="append", help="grade only this task (repeatable)")
+    p.set_defaults(func=cmd_grade)
+
+    p = sub.add_parser("train", help="train a registered model; write its checkpoint and metrics.json")
+    p.add_argument("model", help="a registered model, e.g. classifier")
+    p.add_argument("--budget", help="smoke, classroom or full (default: $COURSE_BUDGET or by device)")
+    p.add_argument("--max-seconds", type=float, default=None, help="wall-clock limit for training")
+    p.add_argument("--out", help="folder for metrics.json (default: runs/MODEL-BUDGET)")
+    p.add_argument("--root", help="data root")
+    p.add_argument("--checkpoint-dir", help="checkpoint cache (default: see course_utils.checkpoints)")
+    p.add_argument("--test-split", action="store_true",
+                   help="train on the first 8,000 MNIST test images, hold out the last 2,000")
+    p.add_argument("--device", help="force a device, e.g. cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CourseError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Where the course runs: device, seeds and the work budget.
+
+One code path serves a 2-core laptop and a GPU. The *budget* decides how much
+work a notebook does:
+
+=========  =====================================  ==============================
+budget     who                                    goal
+=========  =====================================  ==============================
+smoke      CI and the test-suite                  every notebook in about a minute
+classroom  default without a GPU                  at most ~10 minutes, figures that
+                                                  show what the text claims
+full       default with a GPU                     quality results
+=========  =====================================  ==============================
+
+Notebooks size their work from one table instead of scattered ``if`` s::
+
+    cfg = by_budget(epochs=(1, 5, 30), subset=(1024, None, None))
+    cfg.epochs  # 1 in smoke, 5 in classroom, 30 in full
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+BUDGETS = ("smoke", "classroom", "full")
+BUDGET_ENV = "COURSE_BUDGET"
+
+
+class CourseError(RuntimeError):
+    """A mistake the user can fix (bad budget name, missing data, ...).
+
+    The ``course`` command prints these as one line, without a traceback.
+    """
+
+
+def get_device(prefer: str | None = None) -> torch.device:
+    """The best available device: CUDA, then Apple MPS, then CPU.
+
+    ``COURSE_DEVICE`` (or ``prefer``) forces one, e.g. ``cpu`` to compare speeds.
+    """
+    forced = prefer or os.environ.get("COURSE_DEVICE")
+    if forced:
+        return torch.device(forced)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int = 0) -> int:
+    """Seed Python, NumPy and torch (all devices) so a run can be repeated."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    return seed
+
+
+def check_budget(name: str) -> str:
+    """Validate a budget name, with a message that lists the valid ones."""
+    name = str(name).strip().lower()
+    if name not in BUDGETS:
+        raise CourseError(
+            f"unknown budget {name!r}: choose one of {', '.join(BUDGETS)} "
+            f"(set {BUDGET_ENV} or pass --budget)"
+        )
+    return name
+
+
+def budget(override: str | None = None) -> str:
+    """The work budget: ``override``, else ``$COURSE_BUDGET``, else a default.
+
+    The default is ``full`` when CUDA is available and ``classroom`` otherwise.
+    """
+    chosen = override or os.environ.get(BUDGET_ENV)
+    if chosen:
+        return check_budget(chosen)
+    return "full" if torch.cuda.is_available() else "classroom"
+
+
+def by_budget(budget_name: str | None = None, **table: tuple) -> SimpleNamespace:
+    """Pick one column of a ``name=(smoke, classroom, full)`` table.
+
+    >>> by_budget("smoke", epochs=(1, 5, 30)).epochs
+    1
+    """
+    column = BUDGETS.index(budget(budget_name))
+    picked = {}
+    for key, values in table.items():
+        if not isinstance(values, (tuple, list)) or len(values) != len(BUDGETS):
+            raise ValueError(f"{key}: expected a (smoke, classroom, full) triple, got {values!r}")
+        picked[key] = values[column]
+    return SimpleNamespace(budget=BUDGETS[column], **picked)
+
+
+def in_ci() -> bool:
+    """True under CI (``CI=true``): progress bars and live plots stay quiet."""
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (where live plots and widgets make sense)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and shell.__class__.__name__ == "ZMQInteractiveShell"
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """What the training loop may switch on for a device.
+
+    bf16 autocast, ``channels_last`` and ``torch.compile`` pay off on CUDA only;
+    on a CPU bf16 is emulated (about 10x slower), so the CPU stays in fp32.
+    """
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    channels_last: bool
+    can_compile: bool
+
+    @classmethod
+    def for_device(cls, device: torch.device | str) -> Accelerator:
+        device = torch.device(device)
+        if device.type == "cuda":
+            bf16 = torch.cuda.is_bf16_supported()
+            return cls(device, torch.bfloat16 if bf16 else torch.float16, True, True)
+        return cls(device, None, False, False)
+
+
+def describe_environment() -> dict:
+    """Versions, device and budget, for ``course check`` and notebook 00."""
+    import platform
+
+    import matplotlib
+    import torchvision
+
+    device = get_device()
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "matplotlib": matplotlib.__version__,
+        "device": str(device),
+        "budget": budget(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info

@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from course_utils.runtime import (
+    BUDGETS,
+    Accelerator,
+    CourseError,
+    budget,
+    by_budget,
+    get_device,
+    seed_everything,
+)
+
+
+def test_budget_reads_environment(monkeypatch):
+    monkeypatch.setenv("COURSE_BUDGET", "classroom")
+    assert budget() == "classroom"
+    monkeypatch.setenv("COURSE_BUDGET", " FULL ")
+    assert budget() == "full"
+    assert budget("smoke") == "smoke"  # the argument wins
+
+
+def test_budget_default_depends_on_cuda(monkeypatch):
+    monkeypatch.delenv("COURSE_BUDGET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert budget() == "classroom"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert budget() == "full"
+
+
+def test_bad_budget_names_the_valid_ones(monkeypatch):
+    monkeypatch.setenv("COURSE_BUDGET", "huge")
+    with pytest.raises(CourseError, match="smoke, classroom, full"):
+        budget()
+
+
+def test_by_budget_picks_one_column():
+    for column, name in enumerate(BUDGETS):
+        cfg = by_budget(name, epochs=(1, 5, 30), subset=(256, None, None))
+        assert cfg.epochs == (1, 5, 30)[column]
+        assert cfg.subset == (256, None, None)[column]
+        assert cfg.budget == name
+    with pytest.raises(ValueError, match="triple"):
+        by_budget("smoke", epochs=(1, 2))
+
+
+def test_seed_everything_repeats_draws():
+    seed_everything(3)
+    a = torch.randn(5)
+    seed_everything(3)
+    assert torch.equal(a, torch.randn(5))
+
+
+def test_get_device_order(monkeypatch):
+    monkeypatch.delenv("COURSE_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert get_device().type == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert get_device().type == "mps"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert get_device().type == "cpu"
+    monkeypatch.setenv("COURSE_DEVICE", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert get_device().type == "cpu"
+
+
+def test_cpu_stays_fp32():
+    accel = Accelerator.for_device("cpu")
+    assert accel.autocast_dtype is None and not accel.channels_last and not accel.can_compile
