@@ -242,9 +242,11 @@ def mnist(split: str = "train", root=None, download: bool = True, binarize=False
         test = MNIST(root, train=False, download=False, binarize=binarize,
                      binarize_seed=binarize_seed)
         if split == "train":
-            rows, note = slice(0, TEST_SPLIT_TRAIN_SIZE), "MNIST test images 1-8,000 (8,000/2,000 split: no train split here)"
+            rows = slice(0, TEST_SPLIT_TRAIN_SIZE)
+            note = "MNIST test images 1-8,000 (8,000/2,000 split: no train split here)"
         else:
-            rows, note = slice(TEST_SPLIT_TRAIN_SIZE, None), "MNIST test images 8,001-10,000 (8,000/2,000 split: held out)"
+            rows = slice(TEST_SPLIT_TRAIN_SIZE, None)
+            note = "MNIST test images 8,001-10,000 (8,000/2,000 split: held out)"
         if note not in _announced:
             _announced.add(note)
             print(f"[course data] using {note}")

@@ -1,0 +1,88 @@
+"""The `course` command, run as a user would (a subprocess)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def course(*args, env=None, cwd=None):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "course_utils.cli", *args], capture_output=True,
+                          text=True, env=full_env, cwd=cwd, timeout=600)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_check_gives_a_ready_verdict(data_dir):
+    result = course("check")
+    assert result.returncode == 0, result.stdout
+    assert "verdict: READY" in result.stdout
+    assert "torch" in result.stdout and "device" in result.stdout and "budget" in result.stdout
+    assert "MNIST test   found, 10,000 images" in result.stdout
+
+
+def test_check_without_data_says_not_ready(tmp_path):
+    result = course("check", "--root", str(tmp_path))
+    assert result.returncode == 1
+    assert "verdict: NOT READY" in result.stdout and str(tmp_path) in result.stdout
+
+
+def test_data_verifies_placed_files(data_dir):
+    result = course("data", "--root", str(data_dir), "--no-download")
+    assert "test: ok, 10,000 images" in result.stdout
+    if not (data_dir / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").exists():
+        assert result.returncode == 1 and "partial" in result.stdout
+
+
+def test_data_with_nothing_there_is_one_line(tmp_path):
+    assert_one_line_error(course("data", "--root", str(tmp_path), "--no-download"), str(tmp_path))
+
+
+def test_unknown_model_is_one_line():
+    assert_one_line_error(course("train", "no-such-model", "--budget", "smoke"),
+                          "no-such-model", "classifier")
+
+
+def test_bad_budget_is_one_line():
+    assert_one_line_error(course("train", "classifier", "--budget", "huge"),
+                          "huge", "smoke, classroom, full")
+
+
+def test_missing_data_root_is_one_line(tmp_path):
+    assert_one_line_error(course("train", "classifier", "--budget", "smoke",
+                                 "--root", str(tmp_path / "nowhere")), "nowhere")
+
+
+def test_missing_submission_is_one_line(tmp_path):
+    assert_one_line_error(course("grade", str(tmp_path / "missing.ipynb")), "missing.ipynb")
+
+
+def test_exercises_are_up_to_date(repo):
+    result = course("exercises", "check", cwd=repo)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("model", ["classifier"])
+def test_train_writes_checkpoint_and_metrics(model, tmp_path, data_dir):
+    out = tmp_path / "run"
+    result = course("train", model, "--budget", "smoke", "--max-seconds", "20",
+                    "--out", str(out), "--checkpoint-dir", str(tmp_path / "ckpt"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["budget"] == "smoke" and metrics["model"] == model
+    assert "8,000/2,000" in metrics["train_data"]  # never reported as "MNIST train"
+    assert metrics["train_seconds"] < 60
+    checkpoints = list((tmp_path / "ckpt").glob(f"{model}-*.pt"))
+    sidecars = list((tmp_path / "ckpt").glob(f"{model}-*.json"))
+    assert len(checkpoints) == 1 and len(sidecars) == 1
+    assert json.loads(sidecars[0].read_text())["metrics"]["budget"] == "smoke"
