@@ -460,6 +460,21 @@ class SeedConvAutoencoder(nn.Module):
             modules.append(layer(c_in, c_out, kernel_size=k, stride=s))
         return nn.Sequential(*modules)
 
+    @torch.no_grad()
+    def init_output_bias(self, mean_pixel: float) -> SeedConvAutoencoder:
+        r"""Start the output at the average pixel value: last bias :math:`= \log(m / (1 - m))`.
+
+        With PyTorch's default initialisation the sigmoid starts near 0.5 everywhere, far
+        from MNIST's mostly black pixels (mean about 0.13). The first updates then push
+        the output towards black so hard that the sigmoid can saturate at 0 and the ReLUs
+        die, and training stalls. Starting from the mean pixel value avoids that. Returns self.
+        """
+        if not 0 < mean_pixel < 1:
+            raise ValueError(f"mean_pixel must be in (0, 1), not {mean_pixel}")
+        last = [m for m in self.decoder if isinstance(m, nn.ConvTranspose2d)][-1]
+        last.bias.fill_(float(torch.logit(torch.tensor(float(mean_pixel)))))
+        return self
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, 28, 28) images -> (N, 8, 1, 1) codes."""
         return self.encoder(x)

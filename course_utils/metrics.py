@@ -557,6 +557,25 @@ def accuracy(classifier: nn.Module, images, labels, batch_size: int = 500) -> fl
     return float((predicted == labels).float().mean())
 
 
+def _confident(probs: torch.Tensor, threshold: float) -> float:
+    return float((probs.max(1).values >= threshold).float().mean())
+
+
+def _histogram_entropy(probs: torch.Tensor) -> float:
+    counts = torch.bincount(probs.argmax(1).cpu(), minlength=probs.shape[1]).double()
+    h = counts / counts.sum()
+    h = h[h > 0]
+    return float(-(h * h.log()).sum())
+
+
+def _score(probs: torch.Tensor) -> float:
+    probs = probs.double().cpu()
+    marginal = probs.mean(0, keepdim=True)
+    eps = 1e-12
+    kl = (probs * ((probs + eps).log() - (marginal + eps).log())).sum(1)
+    return float(kl.mean().exp())
+
+
 def confident_fraction(classifier: nn.Module, images, threshold: float = 0.9,
                        batch_size: int = 500) -> float:
     """Fraction of images given max_y p(y|x) >= ``threshold`` by the classifier.
@@ -564,8 +583,7 @@ def confident_fraction(classifier: nn.Module, images, threshold: float = 0.9,
     A rough "does it look like a digit at all?" check for generated samples:
     real MNIST test digits score about 0.99 with the course's classifier.
     """
-    probs = predict_proba(classifier, images, batch_size)
-    return float((probs.max(1).values >= threshold).float().mean())
+    return _confident(predict_proba(classifier, images, batch_size), threshold)
 
 
 def class_histogram_entropy(classifier: nn.Module, images, batch_size: int = 500) -> float:
@@ -576,11 +594,7 @@ def class_histogram_entropy(classifier: nn.Module, images, batch_size: int = 500
     ``log 10 = 2.303`` means all ten classes are predicted equally often (no mode
     collapse); ``0`` means every image gets the same class.
     """
-    predicted = predict_proba(classifier, images, batch_size).argmax(1)
-    counts = torch.bincount(predicted.cpu(), minlength=10).double()
-    h = counts / counts.sum()
-    h = h[h > 0]
-    return float(-(h * h.log()).sum())
+    return _histogram_entropy(predict_proba(classifier, images, batch_size))
 
 
 def classifier_score(classifier: nn.Module, images, batch_size: int = 500) -> float:
@@ -591,11 +605,7 @@ def classifier_score(classifier: nn.Module, images, batch_size: int = 500) -> fl
     High when each image is classified confidently (sharp ``p(y|x)``) *and* the
     classes are varied (flat ``p(y)``): between 1 and 10 for MNIST's ten classes.
     """
-    probs = predict_proba(classifier, images, batch_size).double().cpu()
-    marginal = probs.mean(0, keepdim=True)
-    eps = 1e-12
-    kl = (probs * ((probs + eps).log() - (marginal + eps).log())).sum(1)
-    return float(kl.mean().exp())
+    return _score(predict_proba(classifier, images, batch_size))
 
 
 inception_score = classifier_score  # the name used in the GAN literature
@@ -618,15 +628,25 @@ def sample_quality(classifier: nn.Module, images, reference_images=None, *,
         if reference_images is None:
             raise ValueError("sample_quality needs reference_images or reference_features")
         reference_features = classifier_features(classifier, reference_images, batch_size)
-    features = classifier_features(classifier, images, batch_size)
+    if isinstance(classifier, MNISTFeatureNet):  # one pass: features, then the head on them
+        def features_and_probs(x):
+            f = classifier.features(x)
+            return torch.cat([f, classifier.head(f).softmax(-1)], 1)
+
+        with _eval_mode(classifier):
+            both = _batched(features_and_probs, classifier, images, batch_size)
+        features, probs = both[:, :classifier.feature_dim], both[:, classifier.feature_dim:]
+    else:
+        features = classifier_features(classifier, images, batch_size)
+        probs = predict_proba(classifier, images, batch_size)
     kid_mean, kid_std = kid(features, reference_features, num_subsets=kid_subsets,
                             subset_size=kid_subset_size, return_std=True)
     return {
         "fid": float(fid(features, reference_features)),
         "kid": float(kid_mean),
         "kid_std": float(kid_std),
-        "confident_fraction": confident_fraction(classifier, images, batch_size=batch_size),
-        "class_entropy": class_histogram_entropy(classifier, images, batch_size=batch_size),
-        "classifier_score": classifier_score(classifier, images, batch_size=batch_size),
+        "confident_fraction": _confident(probs, 0.9),
+        "class_entropy": _histogram_entropy(probs),
+        "classifier_score": _score(probs),
         "n_images": len(features),
     }

@@ -53,11 +53,8 @@ def _as_image_array(images) -> np.ndarray:
             raise ValueError(f"cannot show flattened images of length {x.shape[1]} "
                              "(not a square number); pass N x 1 x H x W instead")
         return x.reshape(len(x), side, side)
-    if x.ndim == 3:  # N x H x W, or one image C x H x W
-        if x.shape[0] in (1, 3) and x.shape[1] == x.shape[2] and x.shape[1] > 4:
-            x = x[None]  # a single C x H x W image
-        else:
-            return x
+    if x.ndim == 3:  # N x H x W (a single C x H x W image must be passed as x[None])
+        return x
     if x.ndim == 4:
         if x.shape[1] == 1:
             return x[:, 0]
@@ -82,6 +79,15 @@ def _mosaic(images: np.ndarray, nrow: int, pad: int, band: int, fill: float) -> 
         top, left = pad + band + r * cell_h, pad + c * cell_w
         canvas[top:top + h, left:left + w] = images[i]
     return canvas
+
+
+def _caption(value) -> str:
+    """A label as text: ``3`` for integers (also 0-d tensors), ``0.123`` for floats."""
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
+        value = value.item()
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else f"{value:.3g}"
+    return str(value)
 
 
 def _new_axes(ax, figsize):
@@ -109,8 +115,7 @@ def image_grid(images, nrow: int = 8, title: str | None = None, labels=None, vmi
     if n == 0:
         raise ValueError("image_grid: no images to show")
     if labels is not None:
-        labels = [str(v) for v in (_to_numpy(labels).astype(int).tolist()
-                                   if isinstance(labels, torch.Tensor) else labels)]
+        labels = [_caption(v) for v in labels]
         if len(labels) != n:
             raise ValueError(f"image_grid: {len(labels)} labels for {n} images")
     colour = x.ndim == 4
@@ -340,7 +345,7 @@ def latent_scatter(z, labels=None, title: str = "latent space", max_points: int 
     if d > 2:
         xy, ratio = pca_2d(codes)
         xy = xy.numpy()
-        xlabel = f"PC 1 of the {d}-d latent ({100 * ratio[0]:.0f} % of variance)"
+        xlabel = f"PC 1 of the {d}-d codes ({100 * ratio[0]:.0f} % of variance)"
         ylabel = f"PC 2 ({100 * ratio[1]:.0f} % of variance)"
         title = f"{title} (PCA projection)"
     elif d == 2:

@@ -257,6 +257,16 @@ def test_seed_autoencoder_shapes():
         SeedConvAutoencoder(output="tanh")
 
 
+def test_seed_autoencoder_output_bias_starts_at_the_mean_pixel():
+    model = SeedConvAutoencoder().init_output_bias(0.13)
+    with torch.no_grad():
+        out = model.decode(torch.zeros(2, 8))          # zero code: only the biases act
+    assert torch.allclose(out[..., 8:20, 8:20], torch.full_like(out[..., 8:20, 8:20], 0.13), atol=0.1)
+    assert model.decoder[8].bias.item() == pytest.approx(torch.logit(torch.tensor(0.13)).item())
+    with pytest.raises(ValueError):
+        model.init_output_bias(1.5)
+
+
 def test_seed_autoencoder_layer_shapes_follow_the_formulas():
     model = SeedConvAutoencoder()
     rows = model.layer_shapes((1, 28, 28))

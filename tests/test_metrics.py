@@ -274,6 +274,9 @@ def test_sample_quality_real_vs_noise(trained):
     assert bad["kid"] > 10 * max(good["kid"], 1e-4)
     assert good["confident_fraction"] > 0.9
     assert good["class_entropy"] > 2.2  # close to log 10 = 2.303
+    # the one-pass shortcut agrees with the stand-alone helpers
+    assert good["confident_fraction"] == pytest.approx(confident_fraction(model, real_a))
+    assert good["class_entropy"] == pytest.approx(class_histogram_entropy(model, real_a))
 
 
 def test_load_feature_net_uses_the_verified_cache(trained, tmp_path, monkeypatch, capsys):
@@ -292,3 +295,26 @@ def test_load_feature_net_uses_the_verified_cache(trained, tmp_path, monkeypatch
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(),
                             strict=True):
         assert torch.equal(a, b), name
+
+
+def test_load_feature_net_trains_and_caches_when_missing(tmp_path, monkeypatch, capsys):
+    from course_utils.data import split_available
+
+    if not split_available("test"):
+        pytest.skip("no MNIST test split in COURSE_DATA_DIR")
+    real_config = metrics.classifier_config
+
+    def tiny_config(budget_name=None, root=None):  # the real recipe, 10 steps only
+        return {**real_config(budget_name, root), "steps": 10}
+
+    monkeypatch.setattr(metrics, "classifier_config", tiny_config)
+    monkeypatch.setattr(metrics, "_loaded", {})
+    monkeypatch.setenv("COURSE_CHECKPOINT_DIR", str(tmp_path))
+    net = metrics.load_feature_net("cpu", budget_name="smoke")
+    out = capsys.readouterr().out
+    assert "trained in" in out and "accuracy on" in out
+    assert isinstance(net, MNISTFeatureNet) and not net.training
+    assert len(list(tmp_path.glob("classifier-*.pt"))) == 1
+    assert len(list(tmp_path.glob("classifier-*.json"))) == 1
+    again = metrics.load_feature_net("cpu", budget_name="smoke")  # remembered in-process
+    assert again is not net and torch.equal(again.head[1].weight, net.head[1].weight)
