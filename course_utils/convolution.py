@@ -21,6 +21,7 @@ name                                   what it is
 ``transposed_conv_explorer``           an ipywidgets explorer built on the three functions above
 ``UpsampleConv`` / ``upsample_conv``   nearest-neighbour upsampling then a size-preserving conv
 ``SeedConvAutoencoder``                the seed's 1x28x28 -> 8x1x1 -> 1x28x28 autoencoder
+                                       (``layer_shapes``, ``shape_table``, ``init_output_bias``)
 =====================================  =============================================================
 
 Conventions
@@ -438,6 +439,8 @@ class SeedConvAutoencoder(nn.Module):
     are images in [0, 1], directly comparable with the inputs under the L2 loss;
     ``output="logits"`` leaves the last layer raw (for ``F.binary_cross_entropy_with_logits``).
     ``encode`` returns the code as an (N, 8, 1, 1) tensor; ``decode`` takes (N, 8, 1, 1) or (N, 8).
+    Call :meth:`init_output_bias` with the mean pixel value before training with a sigmoid
+    output: from PyTorch's default initialisation, training on MNIST can stall (see there).
     """
 
     def __init__(self, output: str = "sigmoid"):

@@ -475,8 +475,10 @@ def load_feature_net(device=None, root=None, train_if_missing: bool = True,
                 figures.update(evaluate_classifier(net, config, device, root=root))
                 return figures
 
+            # The classifier is a measuring instrument, not the lesson: even the smoke
+            # budget reuses a verified cached copy, so each notebook does not retrain it.
             model, info = load_or_train(CHECKPOINT_NAME, config, model, train_fn,
-                                        budget_name=budget_name)
+                                        budget_name=budget_name, use_cache=True)
         figures = info.get("metrics", {})
         how = ("loaded from the checkpoint cache" if info["source"] == "cache" else
                f"trained in {figures.get('train_seconds', '?')} s and cached")

@@ -34,13 +34,30 @@ def register(spec: ModelSpec) -> ModelSpec:
 
 
 def _register_builtin() -> None:
-    from . import metrics
+    from . import autoencoders, metrics, vae
 
     register(ModelSpec(
         "classifier",
         "MNISTFeatureNet: the small CNN whose features FID/KID use (test accuracy)",
         metrics.classifier_config, metrics.build_classifier,
         metrics.train_classifier, metrics.evaluate_classifier,
+    ))
+    register(ModelSpec(
+        "ae",
+        "the seed's deep conv autoencoder, 8-d code (test MSE vs PCA with 8 components)",
+        autoencoders.ae_config, autoencoders.build_ae,
+        autoencoders.train_ae, autoencoders.evaluate_ae,
+    ))
+    register(ModelSpec(
+        "dae",
+        "an MLP denoising autoencoder, masking noise (test MSE on corrupted digits vs PCA)",
+        autoencoders.dae_config, autoencoders.build_dae,
+        autoencoders.train_dae, autoencoders.evaluate_ae,
+    ))
+    register(ModelSpec(
+        "vae",
+        "conv VAE on binarized MNIST (test -ELBO and IWAE NLL in nats, prior-sample quality)",
+        vae.vae_config, vae.build_vae, vae.train_vae, vae.evaluate_vae,
     ))
 
 

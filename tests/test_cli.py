@@ -72,7 +72,7 @@ def test_exercises_are_up_to_date(repo):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("model", ["classifier"])
+@pytest.mark.parametrize("model", ["classifier", "ae", "dae", "vae"])
 def test_train_writes_checkpoint_and_metrics(model, tmp_path, data_dir):
     out = tmp_path / "run"
     result = course("train", model, "--budget", "smoke", "--max-seconds", "20",
