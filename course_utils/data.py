@@ -148,6 +148,9 @@ class MNIST(torchvision.datasets.MNIST):
         self.binarize = _binarize_mode(binarize)
         self.binarize_seed = binarize_seed
         self.note = ""
+        split = "train" if train else "test"
+        if not download and not split_available(split, root):
+            raise MNISTNotFoundError(_missing_message(split, data_root(root)))
         # torchvision's base class loads the data through the hooks below
         super().__init__(str(data_root(root)), train=train, download=download)
         self.description = f"MNIST {'train' if train else 'test'} ({len(self.targets):,} images)"
