@@ -42,6 +42,7 @@ from .data import BatchLoader, as_tensors, describe, mnist, training_data_descri
 from .runtime import by_budget, get_device, seed_everything
 
 IMAGE_SHAPE = (1, 28, 28)
+MEAN_PIXEL = 0.13  # the average MNIST pixel intensity (about 0.1307)
 
 try:  # the seed's deep conv AE is written in the transposed-convolution module (topic 2)
     from .convolution import SeedConvAutoencoder as ConvAutoencoder
@@ -62,7 +63,9 @@ class MLPAutoencoder(nn.Module):
     number); ``code_activation="sigmoid"`` or ``"relu"`` squashes it (the classic
     contractive AE uses a sigmoid code, a sparse AE often a ReLU code, whose units can be
     exactly 0). The decoder ends with a sigmoid so that ``x_hat`` lies in [0, 1] like
-    the data.
+    the data; its bias starts at logit(``mean_pixel``), so that an untrained decoder
+    draws the average intensity (0.13 for MNIST) rather than 0.5 (see
+    :func:`init_output_bias`).
 
     With ``linear=True`` every activation is removed (the sigmoid too), so
     ``g(f(x)) = W_g (W_f x + b_f) + b_g`` is affine: trained with the L2 loss it
@@ -72,7 +75,7 @@ class MLPAutoencoder(nn.Module):
 
     def __init__(self, latent_dim: int = 32, hidden: Sequence[int] | None = None,
                  linear: bool = False, image_shape: tuple[int, ...] = IMAGE_SHAPE,
-                 code_activation: str | None = None):
+                 code_activation: str | None = None, mean_pixel: float | None = None):
         super().__init__()
         if code_activation not in (None, "sigmoid", "relu"):
             raise ValueError(f"code_activation must be None, 'sigmoid' or 'relu', not {code_activation!r}")
@@ -103,6 +106,8 @@ class MLPAutoencoder(nn.Module):
                 nn.Unflatten(1, self.image_shape)]
         self.encoder = nn.Sequential(*enc)
         self.decoder = nn.Sequential(*dec)
+        if not linear:
+            init_output_bias(self, MEAN_PIXEL if mean_pixel is None else mean_pixel)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """h = f(x): N x 1 x 28 x 28 -> N x latent_dim."""
@@ -115,6 +120,21 @@ class MLPAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x_hat = g(f(x))."""
         return self.decode(self.encode(x))
+
+
+def init_output_bias(model: nn.Module, mean_pixel: float = MEAN_PIXEL) -> nn.Module:
+    """Start a sigmoid decoder at the average intensity: bias of its last layer = logit(mean).
+
+    From the default initialisation a sigmoid decoder outputs about 0.5 everywhere, while
+    about 80 % of MNIST's pixels are black. The first gradient steps then push every output
+    towards 0 so hard that the decoder's ReLUs can all die, and the network gets stuck
+    drawing black images (the seed's conv AE does this under Adam at lr 1e-3 to 3e-3).
+    Starting at sigmoid(b) = mean pixel removes that first violent push.
+    """
+    last = [m for m in model.decoder.modules() if isinstance(m, (nn.Linear, nn.ConvTranspose2d))][-1]
+    with torch.no_grad():
+        last.bias.fill_(math.log(mean_pixel / (1 - mean_pixel)))
+    return model
 
 
 def affine_maps(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -449,7 +469,7 @@ def projection_matrix(A: torch.Tensor) -> torch.Tensor:
 # Using the codes: linear probe, anomaly scores, ROC
 # ----------------------------------------------------------------------------------
 def linear_probe(features_train: torch.Tensor, y_train: torch.Tensor, features_test: torch.Tensor,
-                 y_test: torch.Tensor, weight_decay: float = 1e-3, iterations: int = 200) -> float:
+                 y_test: torch.Tensor, weight_decay: float = 1e-2, iterations: int = 200) -> float:
     """Accuracy on the test set of a logistic regression trained on frozen features.
 
     Features are flattened and standardised with the training mean and standard
@@ -668,28 +688,10 @@ def dae_config(budget_name: str | None = None) -> dict:
     )
 
 
-MEAN_PIXEL = 0.13  # the average MNIST pixel intensity (about 0.1307)
-
-
-def init_output_bias(model: nn.Module, mean_pixel: float = MEAN_PIXEL) -> nn.Module:
-    """Start a sigmoid decoder at the average intensity: bias of its last layer = logit(mean).
-
-    From the default initialisation a sigmoid decoder outputs about 0.5 everywhere, while
-    87 % of MNIST's pixels are black. The first gradient steps then push every output
-    towards 0 so hard that the decoder's ReLUs can all die, and the network gets stuck
-    drawing black images (the seed's conv AE does this under Adam at lr 1e-3 to 3e-3).
-    Starting at sigmoid(b) = mean pixel removes that first violent push.
-    """
-    last = [m for m in model.decoder.modules() if isinstance(m, (nn.Linear, nn.ConvTranspose2d))][-1]
-    with torch.no_grad():
-        last.bias.fill_(math.log(mean_pixel / (1 - mean_pixel)))
-    return model
-
-
 def build_ae(config: dict) -> nn.Module:
     """A fresh model for ``config`` (seeded with ``config["seed"]``).
 
-    The sigmoid decoders start at the mean intensity (see :func:`init_output_bias`).
+    Sigmoid decoders start at the mean intensity (see :func:`init_output_bias`).
     """
     seed_everything(int(config.get("seed", 0)))
     if config["model"] == "ConvAutoencoder":
@@ -697,8 +699,7 @@ def build_ae(config: dict) -> nn.Module:
             raise ImportError("course_utils.convolution.SeedConvAutoencoder is not available yet")
         return init_output_bias(ConvAutoencoder())
     if config["model"] == "MLPAutoencoder":
-        return init_output_bias(MLPAutoencoder(config["latent_dim"],
-                                               hidden=tuple(config.get("hidden", (256,)))))
+        return MLPAutoencoder(config["latent_dim"], hidden=tuple(config.get("hidden", (256,))))
     raise ValueError(f"unknown model {config['model']!r}")
 
 
