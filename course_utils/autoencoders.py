@@ -38,16 +38,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+# The seed's deep conv AE (1x28x28 -> 8x1x1 -> 1x28x28) lives with the transposed
+# convolutions of topic 2; ConvAutoencoder is its public name.
+from .convolution import SeedConvAutoencoder as ConvAutoencoder
 from .data import BatchLoader, as_tensors, describe, mnist, training_data_description
 from .runtime import by_budget, get_device, seed_everything
 
 IMAGE_SHAPE = (1, 28, 28)
 MEAN_PIXEL = 0.13  # the average MNIST pixel intensity (about 0.1307)
-
-try:  # the seed's deep conv AE is written in the transposed-convolution module (topic 2)
-    from .convolution import SeedConvAutoencoder as ConvAutoencoder
-except ImportError:  # pragma: no cover - only while that module is being written
-    ConvAutoencoder = None
 
 
 # ----------------------------------------------------------------------------------
@@ -695,8 +693,6 @@ def build_ae(config: dict) -> nn.Module:
     """
     seed_everything(int(config.get("seed", 0)))
     if config["model"] == "ConvAutoencoder":
-        if ConvAutoencoder is None:
-            raise ImportError("course_utils.convolution.SeedConvAutoencoder is not available yet")
         return init_output_bias(ConvAutoencoder())
     if config["model"] == "MLPAutoencoder":
         return MLPAutoencoder(config["latent_dim"], hidden=tuple(config.get("hidden", (256,))))
@@ -722,6 +718,7 @@ def train_ae(model: nn.Module, config: dict, device=None, max_seconds: float | N
         schedule=config.get("schedule"), device=device, desc=config["name"],
         corrupt=make_corruption(config.get("corruption"), config.get("noise_level", 0.0)))
     return {"train_steps": result.step, "train_epochs": result.epoch,
+            "train_images": len(loader.images),
             "final_train_loss": round(result.final_loss, 4),
             "stopped_by": result.history.stopped_by,
             "seconds": round(result.history.seconds, 1)}
