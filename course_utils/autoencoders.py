@@ -41,6 +41,7 @@ from torch.nn import functional as F
 # The seed's deep conv AE (1x28x28 -> 8x1x1 -> 1x28x28) lives with the transposed
 # convolutions of topic 2; ConvAutoencoder is its public name.
 from .convolution import SeedConvAutoencoder as ConvAutoencoder
+from .convolution import init_output_bias
 from .data import BatchLoader, as_tensors, describe, mnist, training_data_description
 from .runtime import by_budget, get_device, seed_everything
 
@@ -118,21 +119,6 @@ class MLPAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x_hat = g(f(x))."""
         return self.decode(self.encode(x))
-
-
-def init_output_bias(model: nn.Module, mean_pixel: float = MEAN_PIXEL) -> nn.Module:
-    """Start a sigmoid decoder at the average intensity: bias of its last layer = logit(mean).
-
-    From the default initialisation a sigmoid decoder outputs about 0.5 everywhere, while
-    about 80 % of MNIST's pixels are black. The first gradient steps then push every output
-    towards 0 so hard that the decoder's ReLUs can all die, and the network gets stuck
-    drawing black images (the seed's conv AE does this under Adam at lr 1e-3 to 3e-3).
-    Starting at sigmoid(b) = mean pixel removes that first violent push.
-    """
-    last = [m for m in model.decoder.modules() if isinstance(m, (nn.Linear, nn.ConvTranspose2d))][-1]
-    with torch.no_grad():
-        last.bias.fill_(math.log(mean_pixel / (1 - mean_pixel)))
-    return model
 
 
 def affine_maps(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -693,7 +679,7 @@ def build_ae(config: dict) -> nn.Module:
     """
     seed_everything(int(config.get("seed", 0)))
     if config["model"] == "ConvAutoencoder":
-        return init_output_bias(ConvAutoencoder())
+        return init_output_bias(ConvAutoencoder(), MEAN_PIXEL)
     if config["model"] == "MLPAutoencoder":
         return MLPAutoencoder(config["latent_dim"], hidden=tuple(config.get("hidden", (256,))))
     raise ValueError(f"unknown model {config['model']!r}")

@@ -61,6 +61,7 @@ __all__ = [
     "SEED_ENCODER_LAYERS",
     "SEED_DECODER_LAYERS",
     "SeedConvAutoencoder",
+    "init_output_bias",
     "LayerShape",
 ]
 
@@ -410,6 +411,24 @@ class LayerShape(NamedTuple):
     shape: tuple         # tensor shape after the layer, without the batch dimension
 
 
+@torch.no_grad()
+def init_output_bias(model: nn.Module, mean_pixel: float) -> nn.Module:
+    r"""Start a sigmoid decoder at the average pixel value: last bias :math:`= \log(m / (1 - m))`.
+
+    With PyTorch's default initialisation the sigmoid starts near 0.5 everywhere, far
+    from MNIST's mostly black pixels (mean about 0.13). The first updates then push
+    the output towards black so hard that the sigmoid can saturate at 0 and the ReLUs
+    die, and training stalls (the seed's conv AE does this under Adam at lr 1e-3 to 3e-3).
+    Starting from the mean pixel value avoids that. ``model.decoder``'s last linear or
+    transposed-convolution layer gets the bias. Returns the model.
+    """
+    if not 0 < mean_pixel < 1:
+        raise ValueError(f"mean_pixel must be in (0, 1), not {mean_pixel}")
+    last = [m for m in model.decoder.modules() if isinstance(m, (nn.Linear, nn.ConvTranspose2d))][-1]
+    last.bias.fill_(float(torch.logit(torch.tensor(float(mean_pixel)))))
+    return model
+
+
 class SeedConvAutoencoder(nn.Module):
     r"""The deep convolutional autoencoder of the seed lecture: 1x28x28 -> 8x1x1 -> 1x28x28.
 
@@ -463,20 +482,9 @@ class SeedConvAutoencoder(nn.Module):
             modules.append(layer(c_in, c_out, kernel_size=k, stride=s))
         return nn.Sequential(*modules)
 
-    @torch.no_grad()
     def init_output_bias(self, mean_pixel: float) -> SeedConvAutoencoder:
-        r"""Start the output at the average pixel value: last bias :math:`= \log(m / (1 - m))`.
-
-        With PyTorch's default initialisation the sigmoid starts near 0.5 everywhere, far
-        from MNIST's mostly black pixels (mean about 0.13). The first updates then push
-        the output towards black so hard that the sigmoid can saturate at 0 and the ReLUs
-        die, and training stalls. Starting from the mean pixel value avoids that. Returns self.
-        """
-        if not 0 < mean_pixel < 1:
-            raise ValueError(f"mean_pixel must be in (0, 1), not {mean_pixel}")
-        last = [m for m in self.decoder if isinstance(m, nn.ConvTranspose2d)][-1]
-        last.bias.fill_(float(torch.logit(torch.tensor(float(mean_pixel)))))
-        return self
+        """Start the output at the average pixel value (see :func:`init_output_bias`). Returns self."""
+        return init_output_bias(self, mean_pixel)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, 28, 28) images -> (N, 8, 1, 1) codes."""
