@@ -115,9 +115,9 @@ def main(argv=None) -> int:
     if args.baseline:
         plain = dict(config, latent_dim=16, channels=[32, 64], hidden=0, blocks=0, lr=1e-3,
                      final_lr_factor=1.0, lr_warmup=0.0, kl_warmup=0.0,
-                     epochs=args.baseline_epochs or 10_000)
-        limit = 1e9 if args.baseline_epochs else args.baseline_seconds
-        results.append(run("plain conv VAE (baseline)", plain, device, limit))
+                     epochs=args.baseline_epochs or 10_000,
+                     time_limit=None if args.baseline_epochs else args.baseline_seconds)
+        results.append(run("plain conv VAE (baseline)", plain, device, None))
         report(results[-1])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")

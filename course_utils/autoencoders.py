@@ -490,33 +490,22 @@ def anomaly_scores(model, x: torch.Tensor, batch_size: int = 500) -> torch.Tenso
     A high score means the autoencoder cannot rebuild the image: it is unlike the
     training data. ``model(x)`` must return the reconstruction.
     """
-    with torch.no_grad():
-        scores = [(chunk - model(chunk)).pow(2).flatten(1).sum(1)
-                  for chunk in x.split(batch_size)]
-    return torch.cat(scores)
+    return _in_chunks(lambda chunk: (chunk - model(chunk)).pow(2).flatten(1).sum(1), x, batch_size)
 
 
 def roc_auc(scores_normal: torch.Tensor, scores_anomalous: torch.Tensor) -> float:
     """Area under the ROC curve when higher scores should flag anomalies.
 
     Equals P(score of an anomaly > score of a normal image), ties counting 1/2
-    (the Mann-Whitney statistic), computed from ranks.
+    (the Mann-Whitney statistic): for each anomalous score, count the normal scores
+    below it (``below``) and those at most equal to it (``at_most``) in the sorted
+    normal scores; the pair counts are ``below + (at_most - below) / 2``.
     """
-    s0 = scores_normal.detach().double().flatten().cpu()
+    s0 = torch.sort(scores_normal.detach().double().flatten().cpu()).values
     s1 = scores_anomalous.detach().double().flatten().cpu()
-    both = torch.cat([s0, s1])
-    sorted_scores, order = torch.sort(both)
-    ranks = torch.empty_like(both)
-    ranks[order] = torch.arange(1, len(both) + 1, dtype=torch.float64)
-    # average the ranks of tied scores
-    unique, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True,
-                                                       return_counts=True)
-    if len(unique) < len(both):
-        sums = torch.zeros(len(unique), dtype=torch.float64).index_add_(
-            0, inverse, torch.arange(1, len(both) + 1, dtype=torch.float64))
-        ranks[order] = (sums / counts)[inverse]
-    n0, n1 = len(s0), len(s1)
-    return float((ranks[n0:].sum() - n1 * (n1 + 1) / 2) / (n0 * n1))
+    below = torch.searchsorted(s0, s1)
+    at_most = torch.searchsorted(s0, s1, right=True)
+    return (below + at_most).sum().item() / (2 * len(s0) * len(s1))  # exact integer counts
 
 
 def roc_curve(scores_normal: torch.Tensor, scores_anomalous: torch.Tensor):
@@ -532,26 +521,35 @@ def roc_curve(scores_normal: torch.Tensor, scores_anomalous: torch.Tensor):
 
 def encode_all(encoder, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     """Codes of a whole tensor of images, in chunks, without gradients; shape N x k."""
-    with torch.no_grad():
-        return torch.cat([encoder(chunk).flatten(1) for chunk in x.split(batch_size)])
+    return _in_chunks(lambda chunk: encoder(chunk).flatten(1), x, batch_size)
 
 
 def reconstruct_all(model, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Reconstructions of a whole tensor of images, in chunks, without gradients."""
+    return _in_chunks(model, x, batch_size)
+
+
+def _in_chunks(fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``fn`` applied to ``x`` chunk by chunk (bounded memory), without gradients, concatenated."""
     with torch.no_grad():
-        return torch.cat([model(chunk) for chunk in x.split(batch_size)])
+        return torch.cat([fn(chunk) for chunk in x.split(batch_size)])
 
 
 # ----------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------
-def make_corruption(kind: str | None, level: float) -> Callable | None:
-    """``"gaussian"`` (level = sigma), ``"masking"`` (level = nu) or None (plain AE)."""
+def make_corruption(kind: str | None, level: float,
+                    generator: torch.Generator | None = None) -> Callable | None:
+    """``"gaussian"`` (level = sigma), ``"masking"`` (level = nu) or None (plain AE).
+
+    ``generator`` makes the noise repeatable (evaluation); training leaves it None.
+    """
     if kind in (None, "none"):
         return None
     if kind == "gaussian":
-        return lambda x: gaussian_noise(x, level)
+        return lambda x: gaussian_noise(x, level, generator)
     if kind == "masking":
-        return lambda x: masking_noise(x, level)
+        return lambda x: masking_noise(x, level, generator)
     raise ValueError(f"unknown corruption {kind!r}: use 'gaussian', 'masking' or None")
 
 
@@ -727,13 +725,9 @@ def evaluate_ae(model: nn.Module, config: dict, device=None) -> dict:
     x_test, _ = as_tensors(test_set)
     k = int(config["latent_dim"])
     pca = pca_subspace(x_train, k)
-    x_in = x_test
-    corruption = config.get("corruption")
-    if corruption:
-        generator = torch.Generator().manual_seed(1234)
-        level = config["noise_level"]
-        x_in = (gaussian_noise(x_test, level, generator) if corruption == "gaussian"
-                else masking_noise(x_test, level, generator))
+    corrupt = make_corruption(config.get("corruption"), config.get("noise_level", 0.0),
+                              torch.Generator().manual_seed(1234))
+    x_in = corrupt(x_test) if corrupt else x_test
     model.to(device).eval()
     start = time.monotonic()
     x_hat = reconstruct_all(model, x_in.to(device)).cpu()
@@ -743,9 +737,9 @@ def evaluate_ae(model: nn.Module, config: dict, device=None) -> dict:
                "pca_mse": round(pca_mse, 5), "ratio_ae_over_pca": round(ae_mse / pca_mse, 4),
                "latent_dim": k, "test_images": len(x_test), "test_data": describe(test_set),
                "eval_seconds": round(time.monotonic() - start, 2)}
-    if corruption:
+    if corrupt:
         metrics["noisy_input_mse"] = round(float(reconstruction_mse(x_test, x_in)), 5)
-        metrics["corruption"] = f"{corruption} {config['noise_level']}"
+        metrics["corruption"] = f"{config['corruption']} {config['noise_level']}"
     return metrics
 
 

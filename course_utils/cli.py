@@ -16,14 +16,6 @@ from pathlib import Path
 from .runtime import BUDGET_ENV, CourseError, check_budget
 
 
-def _repo_folder(name: str) -> Path:
-    """``solutions/`` or ``exercises/``: in the working directory, else beside the package."""
-    here = Path.cwd() / name
-    if here.is_dir():
-        return here
-    return Path(__file__).resolve().parent.parent / name
-
-
 # -- course check ------------------------------------------------------------------
 def cmd_check(args) -> int:
     from . import data
@@ -98,8 +90,8 @@ def cmd_data(args) -> int:
 def cmd_exercises(args) -> int:
     from . import exercises
 
-    solutions = Path(args.solutions) if args.solutions else _repo_folder("solutions")
-    target = Path(args.exercises) if args.exercises else _repo_folder("exercises")
+    solutions = Path(args.solutions) if args.solutions else exercises.default_solutions_dir()
+    target = Path(args.exercises) if args.exercises else exercises.default_exercises_dir()
     if not solutions.is_dir():
         raise CourseError(f"no solutions folder at {solutions}")
     if args.action == "build":
@@ -125,7 +117,7 @@ def cmd_grade(args) -> int:
     missing = [p for p in args.submissions if not Path(p).exists()]
     if missing:
         raise CourseError(f"no such submission: {', '.join(missing)}")
-    solutions = Path(args.solutions) if args.solutions else _repo_folder("solutions")
+    solutions = Path(args.solutions) if args.solutions else None  # None: the course's own
     grades = grading.grade_many(args.submissions, out_dir=args.out, solutions_dir=solutions,
                                 timeout=args.timeout, tasks=args.task or None)
     if args.out:
@@ -150,9 +142,7 @@ def cmd_train(args) -> int:
         raise CourseError(f"MNIST not found in {data.raw_folder()}: run `course data` or pass --root")
     device = get_device(args.device)
     seed_everything(args.seed)
-    config = dict(spec.make_config(budget_name))
-    config.update(seed=args.seed, max_seconds=args.max_seconds,
-                  data=data.training_data_description())
+    config = registry.training_config(spec.name, budget_name, args.seed, args.max_seconds)
     print(f"training {spec.name} ({spec.description}) | budget {budget_name} | device {device} | "
           f"data: {config['data']}")
     model = spec.build(config)

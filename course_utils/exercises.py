@@ -53,6 +53,7 @@ SOLUTION_END = "### END SOLUTION"
 HIDDEN_BEGIN = "### BEGIN HIDDEN TESTS"
 HIDDEN_END = "### END HIDDEN TESTS"
 STUB_COMMENT = "# YOUR CODE HERE"
+NOT_IMPLEMENTED = "not implemented yet"  # the grader recognises a stub by this text
 MARKERS = (SOLUTION_BEGIN, SOLUTION_END, HIDDEN_BEGIN, HIDDEN_END)
 META_KEY = "course"
 MIN_MISTAKES = 2
@@ -99,7 +100,8 @@ def write_notebook(nb: nbformat.NotebookNode, path: str | Path) -> bool:
     return True
 
 
-def _as_notebook(nb_or_path) -> tuple[nbformat.NotebookNode, str | None]:
+def load_notebook(nb_or_path) -> tuple[nbformat.NotebookNode, str | None]:
+    """``(notebook, file name)`` from a path, or ``(notebook, None)`` from a notebook already read."""
     if isinstance(nb_or_path, (str, Path)):
         return read_notebook(nb_or_path), Path(nb_or_path).name
     return nb_or_path, None
@@ -202,7 +204,7 @@ def parse_solution(nb, name: str | None = None) -> dict[str, Task]:
     check cell or hidden cell, duplicate task ids, bad points, fewer than two
     declared mistakes, or a mistake whose ``old`` text is not in the cell.
     """
-    nb, path_name = _as_notebook(nb)
+    nb, path_name = load_notebook(nb)
     name = name or path_name
     tasks: dict[str, Task] = {}
     pending: list[tuple[str, str, int, object]] = []  # (kind, task, index, cell)
@@ -321,7 +323,7 @@ def stub_solution(source: str, task_id: str) -> str:
     for begin, end, indent in _scan_markers(source, SOLUTION_BEGIN, SOLUTION_END, "solution"):
         out.extend(lines[last:begin])
         out.append(indent + STUB_COMMENT)
-        out.append(f'{indent}raise NotImplementedError("{task_id}: not implemented yet")')
+        out.append(f'{indent}raise NotImplementedError("{task_id}: {NOT_IMPLEMENTED}")')
         last = end + 1
     out.extend(lines[last:])
     return "\n".join(out)
@@ -357,7 +359,7 @@ def normalized_solution(nb) -> nbformat.NotebookNode:
 
 def source_hash(nb) -> str:
     """sha256 of the solution's content, ignoring outputs: changes exactly when the exercise must."""
-    nb, _ = _as_notebook(nb)
+    nb, _ = load_notebook(nb)
     return hashlib.sha256(notebook_text(normalized_solution(nb)).encode("utf-8")).hexdigest()
 
 
@@ -367,7 +369,7 @@ def build_exercise(solution_nb, name: str | None = None) -> nbformat.NotebookNod
     ``name`` is the notebook's file name (taken from the path when one is given);
     it is recorded as ``course.source = "solutions/<name>"``.
     """
-    solution_nb, path_name = _as_notebook(solution_nb)
+    solution_nb, path_name = load_notebook(solution_nb)
     name = name or path_name
     label = f"{SOURCE_PREFIX}{name}" if name else None
     tasks = parse_solution(solution_nb, label)

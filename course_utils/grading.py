@@ -58,10 +58,14 @@ import torch
 
 from .exercises import (
     META_KEY,
+    NOT_IMPLEMENTED,
+    SOURCE_PREFIX,
+    STUB_COMMENT,
     ExerciseError,
     Task,
     course_meta,
     default_solutions_dir,
+    load_notebook,
     parse_solution,
     read_notebook,
     source_hash,
@@ -78,7 +82,6 @@ __all__ = [
     "task_notebook",
 ]
 
-NOT_IMPLEMENTED = "not implemented yet"
 DEFAULT_TIMEOUT = 300.0  # seconds per task (the kernel is killed after it)
 
 
@@ -277,7 +280,7 @@ def checking(task: str):
         yield
     except NotImplementedError:
         raise AssertionError(
-            f"{task}: {NOT_IMPLEMENTED}. Write your code where it says `# YOUR CODE HERE`, "
+            f"{task}: {NOT_IMPLEMENTED}. Write your code where it says `{STUB_COMMENT}`, "
             "delete the `raise NotImplementedError(...)` line, run that cell, then this one."
         ) from None
     except AssertionError:
@@ -366,9 +369,8 @@ def format_report(grade: NotebookGrade) -> str:
 # ===================================================================================
 def declared_mistakes(solution_nb) -> list[tuple[str, int, dict]]:
     """``(task, index, mistake)`` for every mistake a solution notebook declares."""
-    nb = read_notebook(solution_nb) if isinstance(solution_nb, (str, Path)) else solution_nb
     found = []
-    for task in parse_solution(nb).values():
+    for task in parse_solution(solution_nb).values():
         found += [(task.task, i, mistake) for i, mistake in enumerate(task.mistakes)]
     return found
 
@@ -379,8 +381,7 @@ def apply_mistake(solution_nb, task: str, mistake_index: int) -> nbformat.Notebo
     The ``old`` text is replaced everywhere in the cell; it must occur there
     (this protects the declarations from drifting away from the code).
     """
-    name = Path(solution_nb).name if isinstance(solution_nb, (str, Path)) else None
-    nb = read_notebook(solution_nb) if isinstance(solution_nb, (str, Path)) else solution_nb
+    nb, name = load_notebook(solution_nb)
     nb = copy.deepcopy(nb)
     for cell in nb.cells:
         meta = course_meta(cell)
@@ -396,7 +397,7 @@ def apply_mistake(solution_nb, task: str, mistake_index: int) -> nbformat.Notebo
                                 f"{old!r} is not in the solution cell; update the declaration")
         cell.source = cell.source.replace(old, new)
         if name:
-            nb.metadata.setdefault(META_KEY, {})["source"] = f"solutions/{name}"
+            nb.metadata.setdefault(META_KEY, {})["source"] = f"{SOURCE_PREFIX}{name}"
         return nb
     raise ExerciseError(f"no solution cell for task {task!r}")
 

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .runtime import CourseError, budget, by_budget, get_device
+from .runtime import CourseError, budget, by_budget, get_device, local_seed
 
 __all__ = [
     "frechet_distance",
@@ -338,20 +338,10 @@ def build_classifier(config: dict) -> MNISTFeatureNet:
     The global random state is left untouched.
     """
     arch = config.get("arch", {})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(config.get("seed", 0)))
+    with local_seed(int(config.get("seed", 0))):
         return MNISTFeatureNet(channels=tuple(arch.get("channels", (16, 32, 32, 64))),
                                hidden=int(arch.get("hidden", 128)),
                                dropout=float(arch.get("dropout", 0.25)))
-
-
-@contextmanager
-def _own_random_state(device: torch.device, seed: int):
-    """Seed torch for a block and give the caller's random state back afterwards."""
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 def train_classifier(model: nn.Module, config: dict, device=None, max_seconds=None,
@@ -382,7 +372,7 @@ def train_classifier(model: nn.Module, config: dict, device=None, max_seconds=No
     if channels_last:
         model.to(memory_format=torch.channels_last)
 
-    with _own_random_state(device, seed):
+    with local_seed(seed, device):
         loader = BatchLoader(images, labels, config["batch_size"], shuffle=True, drop_last=True,
                              seed=seed)
         augment_rng = torch.Generator().manual_seed(seed + 1)

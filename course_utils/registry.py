@@ -28,42 +28,43 @@ class ModelSpec:
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
+_builtins_added = False
+
+
 def register(spec: ModelSpec) -> ModelSpec:
+    """Add (or replace) a model; the built-in ones never override a registered name."""
     _REGISTRY[spec.name] = spec
     return spec
 
 
-def _register_builtin() -> None:
+def _builtin_specs() -> list[ModelSpec]:
     from . import autoencoders, metrics, vae
 
-    register(ModelSpec(
-        "classifier",
-        "MNISTFeatureNet: the small CNN whose features FID/KID use (test accuracy)",
-        metrics.classifier_config, metrics.build_classifier,
-        metrics.train_classifier, metrics.evaluate_classifier,
-    ))
-    register(ModelSpec(
-        "ae",
-        "the seed's deep conv autoencoder, 8-d code (test MSE vs PCA with 8 components)",
-        autoencoders.ae_config, autoencoders.build_ae,
-        autoencoders.train_ae, autoencoders.evaluate_ae,
-    ))
-    register(ModelSpec(
-        "dae",
-        "an MLP denoising autoencoder, masking noise (test MSE on corrupted digits vs PCA)",
-        autoencoders.dae_config, autoencoders.build_dae,
-        autoencoders.train_dae, autoencoders.evaluate_ae,
-    ))
-    register(ModelSpec(
-        "vae",
-        "conv VAE on binarized MNIST (test -ELBO and IWAE NLL in nats, prior-sample quality)",
-        vae.vae_config, vae.build_vae, vae.train_vae, vae.evaluate_vae,
-    ))
+    return [
+        ModelSpec("classifier",
+                  "MNISTFeatureNet: the small CNN whose features FID/KID use (test accuracy)",
+                  metrics.classifier_config, metrics.build_classifier,
+                  metrics.train_classifier, metrics.evaluate_classifier),
+        ModelSpec("ae",
+                  "the seed's deep conv autoencoder, 8-d code (test MSE vs PCA with 8 components)",
+                  autoencoders.ae_config, autoencoders.build_ae,
+                  autoencoders.train_ae, autoencoders.evaluate_ae),
+        ModelSpec("dae",
+                  "an MLP denoising autoencoder, masking noise (test MSE on corrupted digits vs PCA)",
+                  autoencoders.dae_config, autoencoders.build_dae,
+                  autoencoders.train_dae, autoencoders.evaluate_ae),
+        ModelSpec("vae",
+                  "conv VAE on binarized MNIST (test -ELBO and IWAE NLL in nats, prior-sample quality)",
+                  vae.vae_config, vae.build_vae, vae.train_vae, vae.evaluate_vae),
+    ]
 
 
 def available() -> dict[str, ModelSpec]:
-    if not _REGISTRY:
-        _register_builtin()
+    global _builtins_added
+    if not _builtins_added:  # on first use, so that importing the registry stays cheap
+        _builtins_added = True
+        for spec in _builtin_specs():
+            _REGISTRY.setdefault(spec.name, spec)
     return dict(_REGISTRY)
 
 
@@ -72,3 +73,19 @@ def get(name: str) -> ModelSpec:
     if name not in specs:
         raise CourseError(f"unknown model {name!r}: choose one of {', '.join(sorted(specs))}")
     return specs[name]
+
+
+def training_config(name: str, budget_name: str | None = None, seed: int = 0,
+                    max_seconds: float | None = None) -> dict:
+    """The config exactly as ``course train NAME`` completes and caches it.
+
+    The model's own config for the budget, plus the seed, the time limit and the
+    training data's description. A notebook that builds the same dict finds the
+    checkpoint that command cached (``checkpoints.load_or_train``).
+    """
+    from .data import training_data_description
+
+    config = dict(get(name).make_config(budget_name))
+    config.update(seed=seed, max_seconds=max_seconds,
+                  data=training_data_description(budget_name=budget_name))
+    return config

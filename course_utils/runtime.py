@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -63,6 +64,28 @@ def seed_everything(seed: int = 0) -> int:
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
     return seed
+
+
+@contextmanager
+def local_seed(seed: int, device=None):
+    """Seed torch for a block, then give the caller's random state back.
+
+    For code that must be repeatable without disturbing the notebook around it
+    (a model's initial weights, a training recipe). The CPU generator is seeded
+    and restored, and so is ``device``'s when it is a GPU; MPS's generator cannot
+    be restored, so it is only seeded.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        # not torch.manual_seed: that would also reseed every GPU, and fork_rng restores one
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        elif device.type == "mps":
+            torch.mps.manual_seed(seed)
+        yield
 
 
 def check_budget(name: str) -> str:

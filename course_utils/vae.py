@@ -427,7 +427,7 @@ def importance_log_weights(model, x, k: int, y=None, chunk: int = 4096) -> torch
     out = []
     for start in range(0, k, per_round):
         s = min(per_round, k - start)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn(s, *mu.shape, device=mu.device)
+        z = reparameterize(mu.expand(s, *mu.shape), logvar.expand(s, *logvar.shape))  # [s, B, d]
         flat_z = z.reshape(s * len(x), -1)
         decoded = _decode(model, flat_z, None if y is None else _repeat(y, s))
         log_px_z = model.log_likelihood(_repeat(x, s), decoded).reshape(s, len(x))
@@ -450,6 +450,18 @@ def iwae_bound(log_weights: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(log_weights, dim=0) - math.log(k)
 
 
+def _log_weight_batches(model, x, k: int, y, batch_size: int):
+    """``importance_log_weights`` of consecutive batches of ``x``, the model in eval mode meanwhile."""
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(x), batch_size):
+            yield importance_log_weights(model, x[i:i + batch_size], k,
+                                         None if y is None else y[i:i + batch_size])
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def iwae_nll(model, x, k: int = 100, y=None, reduction: str = "mean", batch_size: int = 100):
     r"""Test negative log-likelihood estimated with k importance samples, in **nats per image**.
@@ -458,13 +470,7 @@ def iwae_nll(model, x, k: int = 100, y=None, reduction: str = "mean", batch_size
     tightens as k grows. ``reduction="mean"`` averages over the images (a
     0-d tensor); ``"none"`` returns one value per image ``[B]``.
     """
-    was_training = model.training
-    model.eval()
-    values = torch.cat([
-        -iwae_bound(importance_log_weights(model, x[i:i + batch_size], k,
-                                           None if y is None else y[i:i + batch_size]))
-        for i in range(0, len(x), batch_size)])
-    model.train(was_training)
+    values = torch.cat([-iwae_bound(lw) for lw in _log_weight_batches(model, x, k, y, batch_size)])
     if reduction == "none":
         return values
     if reduction == "mean":
@@ -479,15 +485,10 @@ def evaluate_bounds(model, x, k: int = 100, y=None, batch_size: int = 100) -> di
     The k log weights give both: their mean is a k-sample estimate of the ELBO
     (the KL estimated by Monte Carlo), their log-mean-exp the IWAE bound.
     """
-    was_training = model.training
-    model.eval()
     neg_elbo, nll = [], []
-    for i in range(0, len(x), batch_size):
-        lw = importance_log_weights(model, x[i:i + batch_size], k,
-                                    None if y is None else y[i:i + batch_size])
+    for lw in _log_weight_batches(model, x, k, y, batch_size):
         neg_elbo.append(-lw.mean(0))
         nll.append(-iwae_bound(lw))
-    model.train(was_training)
     return {"neg_elbo": torch.cat(neg_elbo).mean().item(), "iwae_nll": torch.cat(nll).mean().item(),
             "k": k, "images": len(x)}
 
@@ -579,23 +580,23 @@ def course_train_config(budget_name: str | None = None, seed: int = 0,
     description to :func:`vae_config`; a notebook that builds the same dict finds
     the checkpoint that command cached (``checkpoints.load_or_train``).
     """
-    from .data import training_data_description
+    from .registry import training_config
 
-    config = vae_config(budget_name)
-    config.update(seed=seed, max_seconds=max_seconds,
-                  data=training_data_description(budget_name=budget_name))
-    return config
+    return training_config("vae", budget_name, seed=seed, max_seconds=max_seconds)
 
 
 def build_vae(config: dict) -> nn.Module:
-    """A fresh model from a config (``VAE`` or ``ConditionalVAE``)."""
+    """A fresh model from a config (``VAE`` or ``ConditionalVAE``), seeded by ``config['seed']``."""
+    from .runtime import local_seed
+
     cls = ConditionalVAE if config.get("model") == "ConditionalVAE" else VAE
     kwargs = dict(latent_dim=config["latent_dim"], channels=tuple(config["channels"]),
                   hidden=config["hidden"], blocks=config["blocks"],
                   likelihood=config.get("likelihood", "bernoulli"))
     if config.get("likelihood") == "gaussian":
         kwargs["decoder_logvar"] = config.get("decoder_logvar", "learned")
-    return cls(**kwargs)
+    with local_seed(int(config.get("seed", 0))):  # the same initial weights wherever it is built
+        return cls(**kwargs)
 
 
 def train_vae(model, config: dict, device=None, max_seconds: float | None = None,
@@ -614,12 +615,14 @@ def train_vae(model, config: dict, device=None, max_seconds: float | None = None
     device = torch.device(device) if device is not None else get_device()
     description = "given tensors"
     if images is None:
-        train_set = mnist("train", binarize=config.get("binarize", "dynamic") == "dynamic")
+        train_set = mnist("train")
         images, labels = as_tensors(train_set, device, limit=config.get("train_images"))
         description = describe(train_set)
         if config.get("train_images"):
             description += f" (the first {len(images):,} used)"
-    binarize = config.get("binarize", "dynamic") == "dynamic"
+    if labels is None:  # an unconditional model never reads them
+        labels = torch.zeros(len(images), dtype=torch.long)
+    binarize = config.get("binarize", "dynamic") == "dynamic"  # BatchLoader draws the bits
     loader = BatchLoader(images.to(device), labels.to(device), batch_size=config["batch_size"],
                          shuffle=True, binarize=binarize, seed=config.get("seed", 0))
     limit = max_seconds if max_seconds is not None else config.get("time_limit")
@@ -687,10 +690,8 @@ def evaluate_vae(model, config: dict, device=None, classifier=None) -> dict:
         samples = model.sample(torch.arange(n) % 10, generator=generator)
     else:
         samples = model.sample(n, generator=generator)
-    try:
-        from .metrics import confident_fraction, load_feature_net
-    except ImportError:  # the classifier module is optional for the VAE itself
-        return metrics
+    from .metrics import confident_fraction, load_feature_net
+
     classifier = classifier or load_feature_net(device=device)
     metrics["prior_confident_fraction"] = round(float(confident_fraction(classifier, samples)), 4)
     metrics["prior_samples"] = n

@@ -12,7 +12,7 @@ def repo() -> Path:
     return REPO
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The data root, with at least the MNIST test split (downloaded if need be)."""
     from course_utils.data import data_root, mnist

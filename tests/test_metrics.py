@@ -239,11 +239,7 @@ def test_classifier_config_names_the_data_and_budget():
 
 # -- a short training run on the real data (the smoke recipe) ---------------------------------
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from course_utils.data import split_available
-
-    if not split_available("test"):
-        pytest.skip("no MNIST test split in COURSE_DATA_DIR")
+def trained(tmp_path_factory, data_dir):
     config = metrics.classifier_config("smoke")
     model = metrics.build_classifier(config)
     figures = metrics.train_classifier(model, config, "cpu", progress=False)
@@ -297,11 +293,7 @@ def test_load_feature_net_uses_the_verified_cache(trained, tmp_path, monkeypatch
         assert torch.equal(a, b), name
 
 
-def test_load_feature_net_trains_and_caches_when_missing(tmp_path, monkeypatch, capsys):
-    from course_utils.data import split_available
-
-    if not split_available("test"):
-        pytest.skip("no MNIST test split in COURSE_DATA_DIR")
+def test_load_feature_net_trains_and_caches_when_missing(tmp_path, monkeypatch, capsys, data_dir):
     real_config = metrics.classifier_config
 
     def tiny_config(budget_name=None, root=None):  # the real recipe, 10 steps only

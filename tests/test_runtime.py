@@ -8,6 +8,7 @@ from course_utils.runtime import (
     budget,
     by_budget,
     get_device,
+    local_seed,
     seed_everything,
 )
 
@@ -68,3 +69,15 @@ def test_get_device_order(monkeypatch):
 def test_cpu_stays_fp32():
     accel = Accelerator.for_device("cpu")
     assert accel.autocast_dtype is None and not accel.channels_last and not accel.can_compile
+
+
+def test_local_seed_repeats_inside_and_restores_outside():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    with local_seed(7):
+        first = torch.rand(3)
+    with local_seed(7):
+        again = torch.rand(3)
+    assert torch.equal(first, again)
+    assert torch.equal(torch.rand(3), expected_next), "the caller's random state was disturbed"
