@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -112,17 +113,35 @@ def cmd_exercises(args) -> int:
 
 # -- course grade ------------------------------------------------------------------
 def cmd_grade(args) -> int:
-    from . import grading
+    """Exit 0: every submission graded; 1: some could not be (each named); 2: nothing to grade."""
+    from . import grading, sandbox
 
     missing = [p for p in args.submissions if not Path(p).exists()]
     if missing:
         raise CourseError(f"no such submission: {', '.join(missing)}")
+    submissions = grading.collect_submissions(args.submissions)
+    if not submissions:
+        raise CourseError(f"no notebooks (*.ipynb) in {', '.join(args.submissions)}: nothing to grade")
+    for value, name in ((args.timeout, "--timeout"), (args.cell_timeout, "--cell-timeout"),
+                        (args.memory_gb, "--memory-gb")):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise CourseError(f"{name} must be a positive number of seconds or GB, not {value}")
+    print(sandbox.describe_protections(), file=sys.stderr)
     solutions = Path(args.solutions) if args.solutions else None  # None: the course's own
+    limits = grading.GradingLimits(memory_bytes=int(args.memory_gb * 2**30))
     grades = grading.grade_many(args.submissions, out_dir=args.out, solutions_dir=solutions,
-                                timeout=args.timeout, tasks=args.task or None)
+                                timeout=args.timeout, cell_timeout=args.cell_timeout,
+                                tasks=args.task or None, jobs=args.jobs, limits=limits)
     if args.out:
         print(f"wrote {Path(args.out) / 'grades.csv'} and {Path(args.out) / 'grades.json'}")
-    return 0 if grades else 1
+    failed = [g for g in grades if grading.not_graded(g)]
+    if not grades or len(failed) == len(grades):
+        print(f"nothing was graded: {len(failed)} submission(s) could not be read or matched")
+        return 1
+    if failed:
+        print(f"not graded: {', '.join(f'{g.student} ({g.submission})' for g in failed)}")
+        return 1
+    return 0
 
 
 # -- course train ------------------------------------------------------------------
@@ -195,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solutions", help="solutions folder (default: ./solutions)")
     p.add_argument("--out", help="write grades.csv and grades.json here")
     p.add_argument("--timeout", type=float, default=300, help="seconds allowed per task")
+    p.add_argument("--cell-timeout", type=float, default=None,
+                   help="seconds allowed for one call of the student's code (default: --timeout)")
+    p.add_argument("--memory-gb", type=float, default=3.0, help="memory allowed per task, in GB")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="tasks graded at once (default: CPU count, at most 4)")
     p.add_argument("--task", action="append", help="grade only this task (repeatable)")
     p.set_defaults(func=cmd_grade)
 

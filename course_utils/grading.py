@@ -1,66 +1,67 @@
-"""Checks for exercise cells, and the grader that scores submitted notebooks.
+"""The grader: scores submitted exercise notebooks, task by task, and cannot be fooled by them.
 
-Check helpers (used by visible check cells and hidden tests)
------------------------------------------------------------
-Each raises ``AssertionError`` with a message that says *what* is wrong (shape,
-dtype, off by a factor, wrong dimension...), plus a hint when one is given::
+The instructor's solution notebook is the single source of truth. For each task
+of each submission, two processes work together:
 
-    with checking("pixel_statistics"):          # prints "✓ pixel_statistics looks right"
-        mean, std = pixel_statistics(images)    # NotImplementedError -> "not implemented yet"
-        expect_shape(mean, (len(images),), "mean")
-        expect_close(std, reference, "std",
-                     hints={"divide by N, not N - 1": sample_std})
+* a **sandboxed student process** (:mod:`course_utils.grading_student`, in the
+  sandbox of :mod:`course_utils.sandbox`) runs the notebook's set-up cells and
+  then the student's task cell, found by metadata ``course.task``, else by cell
+  id. Nothing else of the submission runs, and no solution or test is ever
+  sent to it;
+* a **trusted process** (:mod:`course_utils.grading_trusted`), where no student
+  code ever runs, runs the solution notebook up to the task's last test cell,
+  then the task's visible check and hidden test cells with the task's functions
+  replaced by stand-ins. A stand-in sends its arguments to the student process
+  as plain data and gets plain data back (:mod:`course_utils.wire`); every
+  comparison, hint and verdict happens on the trusted side.
 
-``hints`` maps a hint to a typical *wrong* answer: when the student's value
-matches it, the hint is printed.
+So whatever the student's code does in its own process (input transformers,
+patched checks, a patched ``torch``, a rewritten ``course_utils``) changes
+only the data it returns. A task scores ``points * passed / total`` over its
+test cells, and every lost share gets a reason. A task whose function is the
+library's own implementation scores nothing. Limits per task: wall time (the
+processes are killed after it), time per call, memory, processes, file sizes
+and printed output. A crash, an endless loop, a flood or a malformed notebook
+costs only its own student's points; grades are written atomically, once every
+process of every task is gone.
 
-Grading
--------
-The instructor's solution notebook is the single source of truth. Each task is
-graded in its own fresh kernel, on a notebook made of the solution's cells up to
-that task's last test cell, where
-
-* the task's solution cell is replaced by the student's cell (found by metadata
-  ``course.task``, else by cell id); every other task keeps the reference code;
-* other tasks' check and hidden cells are left out, so a broken task 1 cannot
-  cost task 2; cells the student added are ignored.
-
-The task's test cells are its visible check cell(s) and hidden test cell(s):
-``score = points * passed / total``. Every lost portion gets a reason.
-Each kernel runs in its own temporary directory (which is also ``$HOME``), with
-``COURSE_BUDGET=smoke`` unless set, a per-cell time limit and a per-task limit
-after which the kernel is killed. A crash, a dead kernel, an endless loop or a
-deleted file costs only the task that caused it.
+The check helpers that exercise notebooks use live in :mod:`course_utils.checks`;
+they are re-exported here for notebooks written before the split.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import copy
 import csv
 import io
 import json
-import logging
 import os
-import re
-import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-import torch
-
+from . import sandbox
+from .checks import (  # noqa: F401 - re-exported for older notebooks
+    checking,
+    expect_close,
+    expect_dtype,
+    expect_equal,
+    expect_shape,
+    expect_true,
+    expect_type,
+    with_gradients,
+)
 from .exercises import (
     META_KEY,
-    NOT_IMPLEMENTED,
     SOURCE_PREFIX,
-    STUB_COMMENT,
     ExerciseError,
     Task,
     course_meta,
@@ -70,224 +71,34 @@ from .exercises import (
     read_notebook,
     source_hash,
 )
+from .grading_trusted import DIED, defined_names
 from .runtime import CourseError
+from .wire import inherit
 
-if TYPE_CHECKING:  # imported lazily: notebooks that only use the checks start faster
+if TYPE_CHECKING:
     import nbformat
 
 __all__ = [
     "checking", "expect_close", "expect_dtype", "expect_equal", "expect_shape", "expect_true",
-    "expect_type", "TaskGrade", "NotebookGrade", "Submission", "grade_notebook",
+    "expect_type", "with_gradients", "TaskGrade", "NotebookGrade", "Submission", "grade_notebook",
     "grade_notebooks", "grade_many", "format_report", "apply_mistake", "declared_mistakes",
-    "task_notebook",
+    "task_plan", "GradingLimits",
 ]
 
-DEFAULT_TIMEOUT = 300.0  # seconds per task (the kernel is killed after it)
+DEFAULT_TIMEOUT = 300.0  # seconds per task (its processes are killed after it)
+MAX_NOTEBOOK_BYTES = 50 * 2**20  # a submitted file larger than this is not read
 
 
-# ===================================================================================
-# Check helpers
-# ===================================================================================
-def _fail(problem: str, hints: Iterable[str | None] = ()) -> None:
-    hints = [h for h in hints if h]
-    raise AssertionError(problem + (f" Hint: {' / '.join(hints)}" if hints else ""))
+@dataclass
+class GradingLimits:
+    """Limits for one task of one submission (see :class:`course_utils.sandbox.Limits`)."""
 
-
-def _kind(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
-    if value is None:
-        return "None (did you forget to `return` it?)"
-    name = type(value).__name__
-    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
-
-
-def _tensor(value, name: str) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if value is None:
-        _fail(f"{name} is None: did you forget to `return` it?")
-    try:
-        return torch.as_tensor(value)
-    except Exception:
-        _fail(f"{name} should be a tensor or a number, but it is {_kind(value)}")
-    raise AssertionError  # unreachable, for type checkers
-
-
-def _shape_text(shape) -> str:
-    return str(tuple(shape))
-
-
-def _shape_diagnosis(got: tuple, want: tuple) -> str:
-    if len(got) == len(want) + 1 and 1 in got:
-        return " (an extra dimension of size 1: squeeze it, or drop keepdim=True)"
-    if len(got) + 1 == len(want):
-        return " (one dimension missing: did you reduce over one dimension too many?)"
-    if len(got) == 0 and len(want) > 0:
-        return " (a single number: did you reduce over all dimensions instead of one?)"
-    numel = lambda s: int(torch.tensor(s, dtype=torch.long).prod()) if len(s) else 1
-    if len(got) == len(want) and sorted(got) == sorted(want):
-        return " (the right sizes in the wrong order: transposed or permuted?)"
-    if numel(got) == numel(want):
-        return " (the right number of elements in the wrong shape: check your reshape/view)"
-    if len(got) == len(want):
-        return " (did you reduce, index or concatenate over the wrong dimension?)"
-    return ""
-
-
-def _value_diagnosis(a: torch.Tensor, e: torch.Tensor, rtol: float, atol: float) -> str:
-    """How ``a`` differs from ``e`` (same shape): where, by how much, and any pattern."""
-    if not torch.isfinite(a).all() and torch.isfinite(e).all():
-        bad = int((~torch.isfinite(a)).sum())
-        return f"it contains {bad} NaN or infinite value(s)"
-    diff = (a - e).abs().nan_to_num(nan=float("inf"))
-    flat = int(diff.argmax())
-    got, want = a.reshape(-1)[flat].item(), e.reshape(-1)[flat].item()
-    notes = []
-    mask = e.abs() > max(atol, 1e-12)
-    if mask.any():
-        ratio = a[mask] / e[mask]
-        mean_ratio = float(ratio.mean())
-        spread = float(ratio.max() - ratio.min())
-        if spread <= 1e-3 * max(abs(mean_ratio), 1e-12) and (a[~mask].abs() <= atol).all():
-            if abs(mean_ratio + 1) < 1e-3:
-                notes.append("the sign is flipped" if a.dim() == 0 else
-                             "every value has the wrong sign")
-            elif abs(mean_ratio - 1) > 1e-6:
-                notes.append(f"{mean_ratio:.4g} times the expected value" if a.dim() == 0 else
-                             f"every value is {mean_ratio:.4g} times the expected one "
-                             "(off by a constant factor)")
-    offset = a - e
-    if not notes and a.numel() > 1 and float(offset.max() - offset.min()) <= max(atol, 1e-6):
-        notes.append(f"every value is off by the same amount ({float(offset.mean()):+.4g})")
-    if not notes and a.dim() == 2 and a.shape[0] == a.shape[1] and torch.allclose(a.T, e, atol=atol):
-        notes.append("it looks transposed")
-    if not notes and a.numel() > 1 and torch.allclose(a.reshape(-1).sort().values,
-                                                      e.reshape(-1).sort().values, atol=atol):
-        notes.append("the right values in the wrong order")
-    if a.dim() == 0:
-        text = f"got {got:.6g}, expected {want:.6g}"
-    else:
-        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape))
-        wrong = int((diff > atol + rtol * e.abs()).sum())
-        text = (f"{wrong} of {a.numel()} values differ; the largest difference is at index "
-                f"{index}: got {got:.6g}, expected {want:.6g}")
-    return text + "".join(f"; {note}" for note in notes)
-
-
-def _matches(a: torch.Tensor, alternative, rtol: float, atol: float) -> bool:
-    try:
-        alt = _tensor(alternative, "alternative")
-    except AssertionError:
-        return False
-    return a.shape == alt.shape and torch.allclose(a.double(), alt.double(), rtol=rtol, atol=atol)
-
-
-def expect_close(actual, expected, name: str = "result", *, rtol: float = 1e-4,
-                 atol: float = 1e-5, hint: str | None = None,
-                 hints: dict[str, object] | None = None) -> None:
-    """``actual`` equals ``expected`` up to tolerance; otherwise say how it differs.
-
-    hint:  printed whenever the check fails.
-    hints: ``{hint: typical_wrong_value}``; a hint is printed when ``actual``
-           matches its wrong value (e.g. the sample std where the population std
-           was asked for).
-    """
-    a, e = _tensor(actual, name), _tensor(expected, "expected")
-    matched = [msg for msg, wrong in (hints or {}).items() if _matches(a, wrong, rtol, atol)]
-    chosen = matched or [hint]
-    if a.shape != e.shape:
-        _fail(f"{name} has shape {_shape_text(a.shape)}, expected {_shape_text(e.shape)}"
-              f"{_shape_diagnosis(tuple(a.shape), tuple(e.shape))}.", chosen)
-    if a.is_complex() or e.is_complex():
-        close = torch.allclose(a.to(torch.complex128), e.to(torch.complex128), rtol=rtol, atol=atol)
-    else:
-        a, e = a.double(), e.double()
-        close = torch.allclose(a, e, rtol=rtol, atol=atol, equal_nan=True)
-    if not close:
-        what = "is wrong" if a.dim() == 0 else \
-            f"has the right shape {_shape_text(a.shape)} but wrong values"
-        _fail(f"{name} {what}: {_value_diagnosis(a, e, rtol, atol)}.", chosen)
-
-
-def expect_shape(t, shape, name: str = "result", hint: str | None = None) -> None:
-    """``t`` is a tensor of shape ``shape`` (``None`` or ``-1`` entries match any size)."""
-    if not isinstance(t, torch.Tensor):
-        _fail(f"{name} should be a tensor of shape {_shape_text(shape)}, but it is {_kind(t)}.",
-              [hint])
-    want, got = tuple(shape), tuple(t.shape)
-    wild = (None, -1)
-    if len(got) == len(want) and all(w in wild or g == w for g, w in zip(got, want, strict=True)):
-        return
-    concrete = tuple(g if w in wild else w for g, w in zip(got, want, strict=True)) \
-        if len(got) == len(want) else tuple(0 if w in wild else w for w in want)
-    shown = _shape_text(tuple("*" if w in wild else w for w in want)).replace("'", "")
-    _fail(f"{name} has shape {_shape_text(got)}, expected {shown}"
-          f"{_shape_diagnosis(got, concrete)}.", [hint])
-
-
-_DTYPE_GROUPS = {
-    "float": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
-    "integer": (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64),
-}
-
-
-def expect_dtype(t, dtype, name: str = "result", hint: str | None = None) -> None:
-    """``t`` has ``dtype``: a ``torch.dtype``, a tuple of them, ``"float"`` or ``"integer"``."""
-    if not isinstance(t, torch.Tensor):
-        _fail(f"{name} should be a tensor, but it is {_kind(t)}.", [hint])
-    allowed = _DTYPE_GROUPS.get(dtype, dtype) if isinstance(dtype, str) else dtype
-    allowed = allowed if isinstance(allowed, tuple) else (allowed,)
-    if t.dtype not in allowed:
-        want = dtype if isinstance(dtype, str) else " or ".join(str(d) for d in allowed)
-        extra = " (a comparison gives bool: convert it, e.g. with .float())" \
-            if t.dtype == torch.bool else ""
-        _fail(f"{name} has dtype {t.dtype}, expected {want}{extra}.", [hint])
-
-
-def expect_equal(actual, expected, name: str = "result", hint: str | None = None) -> None:
-    """Exact equality (tensors: same shape and values, any dtype; other values: ``==``)."""
-    if isinstance(expected, torch.Tensor) or isinstance(actual, torch.Tensor):
-        a, e = _tensor(actual, name), _tensor(expected, "expected")
-        if a.shape != e.shape:
-            _fail(f"{name} has shape {_shape_text(a.shape)}, expected {_shape_text(e.shape)}"
-                  f"{_shape_diagnosis(tuple(a.shape), tuple(e.shape))}.", [hint])
-        if not torch.equal(a.to(torch.float64), e.to(torch.float64)):
-            _fail(f"{name} has wrong values: {_value_diagnosis(a.double(), e.double(), 0.0, 0.0)}.",
-                  [hint])
-        return
-    if actual != expected:
-        _fail(f"{name} is {actual!r}, expected {expected!r}.", [hint])
-
-
-def expect_type(value, types, name: str = "result", hint: str | None = None) -> None:
-    """``isinstance(value, types)``, e.g. a Python ``float`` rather than a tensor."""
-    if not isinstance(value, types):
-        names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
-        _fail(f"{name} should be a {names}, but it is {_kind(value)}.", [hint])
-
-
-def expect_true(condition, message: str, hint: str | None = None) -> None:
-    """A condition with its own message."""
-    if not bool(condition):
-        _fail(message, [hint])
-
-
-@contextlib.contextmanager
-def checking(task: str):
-    """Wrap a check cell: friendly messages for a stub or a crash, a ✓ when all passes."""
-    try:
-        yield
-    except NotImplementedError:
-        raise AssertionError(
-            f"{task}: {NOT_IMPLEMENTED}. Write your code where it says `{STUB_COMMENT}`, "
-            "delete the `raise NotImplementedError(...)` line, run that cell, then this one."
-        ) from None
-    except AssertionError:
-        raise
-    except Exception as err:
-        raise AssertionError(f"{task}: your code raised {type(err).__name__}: {err}") from err
-    print(f"✓ {task} looks right")
+    timeout: float = DEFAULT_TIMEOUT     # seconds for the whole task
+    cell_timeout: float | None = None    # seconds for one call of the student's code (default: timeout)
+    memory_bytes: int = 3 * 2**30
+    max_processes: int = 64
+    max_file_bytes: int = 64 * 2**20
+    output_bytes: int = 64 * 2**10
 
 
 # ===================================================================================
@@ -403,258 +214,400 @@ def apply_mistake(solution_nb, task: str, mistake_index: int) -> nbformat.Notebo
 
 
 # ===================================================================================
-# Building the notebook that grades one task
+# Reading a submission: plain JSON, checked, never trusted
 # ===================================================================================
 @dataclass
-class _Cell:
-    role: str  # "before", "student", "after", "check", "hidden"
-    label: str
+class _SubmittedCell:
+    cell_id: str | None
+    task: str | None
     source: str
 
 
-def _student_cell(submission: nbformat.NotebookNode, task: Task):
+def read_submission(path: Path) -> tuple[list[_SubmittedCell], dict]:
+    """The code cells of a submitted notebook and its ``course`` metadata; CourseError if unreadable.
+
+    Read as plain JSON with every field checked, so that no malformed file
+    (wrong types, huge, not a notebook at all) can do more than lose its own points.
+    """
+    try:
+        size = path.stat().st_size
+        if size > MAX_NOTEBOOK_BYTES:
+            raise CourseError(f"the file is {size / 2**20:.0f} MB, more than the "
+                              f"{MAX_NOTEBOOK_BYTES / 2**20:.0f} MB a notebook may have")
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except CourseError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise CourseError(f"not a notebook (invalid JSON: {str(err)[:200]})") from None
+    return _cells_of(data)
+
+
+def _cells_of(data) -> tuple[list[_SubmittedCell], dict]:
+    if not isinstance(data, dict) or not isinstance(data.get("cells"), list):
+        raise CourseError("not a notebook (no list of cells)")
+    metadata = data.get("metadata")
+    course = metadata.get(META_KEY) if isinstance(metadata, dict) else None
+    cells = []
+    for cell in data["cells"]:
+        if not isinstance(cell, dict) or cell.get("cell_type") != "code":
+            continue
+        source = cell.get("source", "")
+        if isinstance(source, list) and all(isinstance(s, str) for s in source):
+            source = "".join(source)
+        if not isinstance(source, str):
+            source = ""  # a cell whose source is not text counts as empty
+        meta = cell.get("metadata")
+        meta = meta.get(META_KEY) if isinstance(meta, dict) else None
+        task = meta.get("task") if isinstance(meta, dict) else None
+        cell_id = cell.get("id")
+        cells.append(_SubmittedCell(cell_id if isinstance(cell_id, str) else None,
+                                    task if isinstance(task, str) else None, source))
+    return cells, course if isinstance(course, dict) else {}
+
+
+def _student_cell(cells: list[_SubmittedCell], task: Task) -> _SubmittedCell | None:
     """The student's cell for ``task``: by metadata ``course.task``, else by cell id."""
-    for cell in submission.cells:
-        if course_meta(cell).get("task") == task.task:
+    for cell in cells:
+        if cell.task == task.task:
             return cell
-    for cell in submission.cells:
-        if task.cell_id and cell.get("id") == task.cell_id:
+    for cell in cells:
+        if task.cell_id and cell.cell_id == task.cell_id:
             return cell
     return None
 
 
-def task_notebook(solution_nb, tasks: dict[str, Task], task_id: str,
-                  student_source: str) -> tuple[nbformat.NotebookNode, list[_Cell]]:
-    """The notebook that grades ``task_id``, and the role of each of its cells."""
+# ===================================================================================
+# What runs where for one task
+# ===================================================================================
+@dataclass
+class _Cell:
+    role: str  # "before", "reference", "after", "check", "hidden"
+    label: str
+    source: str
+
+
+def task_plan(solution_nb, tasks: dict[str, Task], task_id: str) -> dict:
+    """What grades ``task_id``: the trusted side's cells, the student's set-up cells, the task's names.
+
+    * ``cells``: the solution's code cells up to the task's last test cell, other
+      tasks' test cells left out; the task's own solution cell is ``reference``
+      (after it, the task's names become stand-ins for the student's functions);
+    * ``student_setup``: what the student process runs before the student's cell:
+      the code cells before the first task, and later cells marked
+      ``{"course": {"setup": true}}``; never a solution or a test;
+    * ``names``: the functions and classes the task's solution cell defines;
+    * ``prefix``: how many of ``cells`` are the notebook's shared set-up (the same for
+      every task: a fork server runs them once).
+    """
     task = tasks[task_id]
-    other_tests = {i for t in tasks.values() if t.task != task_id for i in t.test_cells}
+    test_cells = {i for t in tasks.values() for i in t.test_cells}
+    task_cells = {t.cell for t in tasks.values()}
+    first_task = min(task_cells)
     hidden_number = {index: n for n, index in enumerate(task.hidden, 1)}
-    plan = []
+    cells, setup = [], []
     for index, cell in enumerate(solution_nb.cells[: max(task.test_cells) + 1]):
-        if cell.cell_type != "code" or index in other_tests:
+        if cell.cell_type != "code":
+            continue
+        source = cell.source if isinstance(cell.source, str) else "".join(cell.source)
+        if index not in test_cells and index not in task_cells and index < task.cell and \
+                (index < first_task or course_meta(cell).get("setup") is True):
+            setup.append(source)
+        if index in test_cells and index not in task.test_cells:
             continue
         if index == task.cell:
-            plan.append(_Cell("student", "your code", student_source))
+            cells.append(_Cell("reference", "the reference solution", source))
         elif index in task.checks:
-            plan.append(_Cell("check", "check cell", cell.source))
+            cells.append(_Cell("check", "check cell", source))
         elif index in task.hidden:
             label = "hidden tests" + (f" {hidden_number[index]}" if len(task.hidden) > 1 else "")
-            plan.append(_Cell("hidden", label, cell.source))
+            cells.append(_Cell("hidden", label, source))
         else:
-            plan.append(_Cell("before" if index < task.cell else "after", f"cell {index + 1}",
-                              cell.source))
-    from nbformat.v4 import new_code_cell, new_notebook
-
-    nb = new_notebook(metadata=copy.deepcopy(solution_nb.metadata))
-    nb.metadata.pop(META_KEY, None)
-    nb.cells = [new_code_cell(c.source) for c in plan]
-    for number, cell in enumerate(nb.cells):
-        cell.id = f"cell-{number}"
-    return nb, plan
+            cells.append(_Cell("before" if index < task.cell else "after", f"cell {index + 1}", source))
+    names = defined_names(cells[[c.role for c in cells].index("reference")].source)
+    prefix = sum(1 for index, cell in enumerate(solution_nb.cells[:first_task])
+                 if cell.cell_type == "code" and index not in test_cells)
+    return {"task": task_id, "cells": [asdict(c) for c in cells], "student_setup": setup, "names": names,
+            "prefix": prefix}
 
 
 # ===================================================================================
-# Running one task in a fresh kernel
+# Running one task: a trusted process and a sandboxed student process
 # ===================================================================================
-def _kernel_manager_class():
-    from jupyter_client.manager import AsyncKernelManager
-
-    class CurrentPythonKernelManager(AsyncKernelManager):
-        """The ``python3`` kernel, always on this interpreter (``sys.executable``)."""
-
-        def format_kernel_cmd(self, extra_arguments=None):
-            return [sys.executable, "-m", "ipykernel_launcher", "-f",
-                    os.path.realpath(self.connection_file), *(extra_arguments or [])]
-
-    return CurrentPythonKernelManager
-
-
-_QUIET_LOG = logging.getLogger("course_utils.grading.nbclient")
-_QUIET_LOG.setLevel(logging.CRITICAL)  # timeouts and errors are reported in the feedback instead
-_QUIET_LOG.propagate = False
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def _your_line(traceback: str, count: int, source: str) -> str:
-    """`` (your code, line 3: `...`)`` when the traceback passes through the student's cell."""
-    found = re.findall(rf"Cell In\[{count}\], line (\d+)", _ANSI.sub("", traceback or ""))
-    if not found:
-        return ""
-    number = int(found[-1])
-    lines = source.split("\n")
-    text = lines[number - 1].strip() if 0 < number <= len(lines) else ""
-    return f" (in your code, line {number}: `{text}`)" if text else f" (in your code, line {number})"
-
-
-def _error_text(ename: str, evalue: str, limit: int = 2000) -> str:
-    """``Type: message``; a failed assertion's message speaks for itself."""
-    evalue = (evalue or "").strip()
-    if len(evalue) > limit:
-        evalue = evalue[:limit] + " [...]"
-    if ename == "AssertionError" and evalue:
-        return evalue
-    return f"{ename}: {evalue}" if evalue else ename
-
-
-def _is_not_implemented(ename: str, evalue: str) -> bool:
-    return ename == "NotImplementedError" or NOT_IMPLEMENTED in (evalue or "")
-
-
 @dataclass
 class _Job:
     grade: TaskGrade
-    nb: nbformat.NotebookNode | None = None
-    plan: list[_Cell] = field(default_factory=list)
-    # per test cell (in plan order): None = passed, str = the reason it was lost
-    outcomes: dict[int, str | None] = field(default_factory=dict)
-    student_count: int = 0  # the kernel's execution count of the student's cell
-    student_src: str = ""
-    expired: str = ""  # set when the task's total time limit is reached: the reason
+    plan: dict
+    student_source: str
+    number: int = 0
 
 
-def _kernel_env(workdir: str, cpu_share: int) -> dict:
+def _common_env(cpu_share: int) -> dict[str, str]:
     from .data import data_root
 
-    env = dict(os.environ)
-    env.setdefault("COURSE_BUDGET", "smoke")
-    env.setdefault("COURSE_DATA_DIR", str(data_root()))  # resolve before $HOME changes
-    env.setdefault("TORCH_HOME", str(Path.home() / ".cache" / "torch"))
-    env.setdefault("MPLBACKEND", "Agg")
-    if "MPLCONFIGDIR" not in env:  # keep matplotlib's font cache: no rebuild per task
-        with contextlib.suppress(Exception):
-            import matplotlib
+    return {
+        "COURSE_BUDGET": os.environ.get("COURSE_BUDGET", "smoke"),
+        "COURSE_DATA_DIR": str(data_root()),  # resolved before HOME changes
+        "MPLBACKEND": "Agg",
+        "OMP_NUM_THREADS": str(max(1, cpu_share)),
+        "MKL_NUM_THREADS": str(max(1, cpu_share)),
+        "TQDM_DISABLE": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONIOENCODING": "utf-8",
+        "LANG": "C.UTF-8",
+    }
 
-            env["MPLCONFIGDIR"] = matplotlib.get_configdir()
-    env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_share)))
+
+def _matplotlib_cache() -> str | None:
+    with contextlib.suppress(Exception):
+        import matplotlib
+
+        return matplotlib.get_cachedir()
+    return None
+
+
+class _ForkServer:
+    """A trusted process that ran one solution notebook's set-up and forks an evaluator per task."""
+
+    def __init__(self, setup: list[str], env: dict[str, str]):
+        import socket
+
+        self.folder = tempfile.mkdtemp(prefix="course-grade-server-")
+        setup_path = Path(self.folder) / "setup.json"
+        setup_path.write_text(json.dumps(setup), encoding="utf-8")
+        self.socket, theirs = socket.socketpair()
+        self.lock = threading.Lock()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "course_utils.grading_trusted", "--fork-server", str(theirs.fileno()),
+             str(setup_path)], pass_fds=(theirs.fileno(),), env=dict(env, HOME=self.folder),
+            cwd=self.folder, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        theirs.close()
+        self.replies = self.socket.makefile("rb")
+
+    def start(self, plan_path: Path, results_path: Path, fds: list[int]) -> int:
+        """Fork an evaluator for one task; its process id (it leads its own process group)."""
+        import socket
+
+        message = json.dumps({"plan": str(plan_path), "results": str(results_path)}).encode()
+        with self.lock:
+            socket.send_fds(self.socket, [message], fds)
+            line = self.replies.readline()
+        if not line:
+            raise OSError("the grader's fork server stopped")
+        return int(json.loads(line)["pid"])
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.socket.close()
+        _kill_group(self.process)
+        _remove(self.folder)
+
+
+class _ForkServers:
+    """One :class:`_ForkServer` per solution notebook, started when first needed (POSIX only)."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env, self.servers, self.lock = env, {}, threading.Lock()
+
+    def get(self, key, setup: list[str]) -> _ForkServer | None:
+        if os.name != "posix" or not hasattr(os, "fork"):
+            return None
+        with self.lock:
+            server = self.servers.get(key)
+            if server is None or server.process.poll() is not None:
+                server = self.servers[key] = _ForkServer(setup, self.env)
+            return server
+
+    def close(self) -> None:
+        for server in self.servers.values():
+            server.close()
+
+
+def _trusted_env(cpu_share: int, home: str) -> dict[str, str]:
     package_parent = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
-    env["HOME"] = workdir
-    env["USERPROFILE"] = workdir
-    env["IPYTHONDIR"] = str(Path(workdir) / ".ipython")
+    env = dict(os.environ, **_common_env(cpu_share), HOME=home, USERPROFILE=home,
+               PYTHONPATH=os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p))
     env.pop("JPY_PARENT_PID", None)
+    mpl_cache = _matplotlib_cache()
+    if mpl_cache:
+        env.setdefault("MPLCONFIGDIR", mpl_cache)
     return env
 
 
-async def _execute(job: _Job, workdir: str, cell_timeout: float, total_timeout: float,
-                   env: dict) -> None:
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+def _wait_for_end(done_fd: int, seconds: float) -> bool:
+    """Whether the pipe's writer (a forked evaluator) went away within ``seconds``."""
+    import select
 
-    tests = [i for i, c in enumerate(job.plan) if c.role in ("check", "hidden")]
-
-    def lose_rest(reason: str, start: int = 0) -> None:
-        if job.expired:  # nbclient reports the cancellation at the time limit as a dead kernel
-            reason = job.expired
-        for i in tests:
-            if i >= start and i not in job.outcomes:
-                job.outcomes[i] = reason
-
-    # the per-cell limit is for the student's code and the tests; the reference set-up cells
-    # before the student's cell only have the task's total limit
-    limits = {cell.id: total_timeout if role.role == "before" else cell_timeout
-              for cell, role in zip(job.nb.cells, job.plan, strict=True)}
-    client = NotebookClient(
-        job.nb, timeout_func=lambda cell: int(max(1, limits[cell.id])), allow_errors=False,
-        kernel_name="python3", kernel_manager_class=_kernel_manager_class(),
-        shutdown_kernel="immediate", resources={"metadata": {"path": workdir}},
-        startup_timeout=120, record_timing=False, log=_QUIET_LOG,
-    )
-    log = tempfile.TemporaryFile()  # the kernel's own stdout/stderr (not the cells' output)
-    try:
-        async with client.async_setup_kernel(env=env, cwd=workdir, stdout=log, stderr=log):
-            count = 0
-            for index, cell in enumerate(job.nb.cells):
-                role = job.plan[index]
-                if not cell.source.strip():
-                    continue
-                count += 1
-                if role.role == "student":
-                    job.student_count = count
-                try:
-                    await client.async_execute_cell(cell, index, execution_count=count)
-                except CellTimeoutError:
-                    if role.role == "before":
-                        lose_rest(f"the notebook's set-up ({role.label}) timed out after "
-                                  f"{_fmt(total_timeout)} s before your code ran. This is not your "
-                                  "fault: tell your instructor.")
-                    else:
-                        lose_rest(f"timed out after {_fmt(cell_timeout)} s (an endless loop, or "
-                                  "code far too slow?)", index)
-                    return
-                except DeadKernelError:
-                    lose_rest("kernel died: the Python process crashed or was killed (os._exit, "
-                              "a segfault, or running out of memory?)", index)
-                    return
-                except CellExecutionError as err:
-                    if _is_not_implemented(err.ename, err.evalue):
-                        what = f"{NOT_IMPLEMENTED} (NotImplementedError)"
-                    else:
-                        what = _error_text(err.ename, err.evalue)
-                    if role.role in ("check", "hidden"):
-                        if not _is_not_implemented(err.ename, err.evalue):
-                            what += _your_line(err.traceback, job.student_count, job.student_src)
-                        job.outcomes[index] = f"{role.label}: {what}"
-                        continue
-                    if role.role == "before":
-                        lose_rest(f"the notebook's set-up ({role.label}) failed before your code "
-                                  f"ran: {what}. This is not your fault: tell your instructor.")
-                    elif _is_not_implemented(err.ename, err.evalue):
-                        lose_rest(what)
-                    else:
-                        line = _your_line(err.traceback, job.student_count, job.student_src)
-                        lose_rest(f"your code raised {what}{line} before the tests ran")
-                    return
-                else:
-                    if role.role in ("check", "hidden"):
-                        job.outcomes[index] = None
-    except DeadKernelError:
-        lose_rest("kernel died: the Python process crashed or was killed")
-    except Exception as err:  # the kernel could not start, or the connection broke
-        log.seek(0)
-        tail = log.read().decode("utf-8", "replace").strip().splitlines()[-5:]
-        detail = f"; the kernel said: {' / '.join(tail)}" if tail else ""
-        lose_rest(f"the grader could not run this task ({type(err).__name__}: {err}{detail}); "
-                  "tell your instructor")
-    finally:
-        km = client.km  # still set when stopped before nbclient could clean up (time limit)
-        if km is not None and km.has_kernel:
-            with contextlib.suppress(Exception):
-                await km.shutdown_kernel(now=True)
-        log.close()
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        readable, _, _ = select.select([done_fd], [], [], left)
+        if readable and not os.read(done_fd, 4096):
+            return True
 
 
-async def _run_job(job: _Job, timeout: float, cell_timeout: float, cpu_share: int) -> TaskGrade:
-    grade = job.grade
+def _run_job(job: _Job, limits: GradingLimits, cpu_share: int,
+             servers: _ForkServers | None = None) -> TaskGrade:
+    """Grade one task: start the sandboxed student process and a trusted evaluator joined by
+    two pipes, wait for the evaluator (at most the task's time limit), then kill both."""
     start = time.monotonic()
-    workdir = tempfile.mkdtemp(prefix=f"course-grade-{grade.task}-")
-    job.student_src = next((c.source for c in job.plan if c.role == "student"), "")
-    env = _kernel_env(workdir, cpu_share)
-    running = asyncio.ensure_future(
-        _execute(job, workdir, min(cell_timeout, timeout), timeout, env))
+    workdir = tempfile.mkdtemp(prefix="course-grade-trusted-")
+    plan = dict(job.plan, student_source=job.student_source, timeout=limits.timeout,
+                cell_timeout=limits.cell_timeout or limits.timeout)
+    plan_path, results_path = Path(workdir) / "plan.json", Path(workdir) / "results.jsonl"
+    plan_path.write_text(json.dumps(plan), encoding="utf-8")
+    results_path.touch()
+    student_reads, trusted_writes = os.pipe()
+    trusted_reads, student_writes = os.pipe()
+    open_fds = {student_reads, trusted_writes, trusted_reads, student_writes}
+
+    def close(*fds: int) -> None:
+        for fd in fds:
+            if fd in open_fds:
+                open_fds.discard(fd)
+                os.close(fd)
+
+    box = trusted = None
+    expired = ""
+    limit = f"timed out after {_fmt(limits.timeout)} s (the time limit for the whole task)"
+    left = lambda: max(0.1, limits.timeout - (time.monotonic() - start))
     try:
-        done, _ = await asyncio.wait({running}, timeout=timeout)
-        if not done:  # the task's time limit: stop it; leaving the kernel's context kills it
-            job.expired = f"timed out after {_fmt(timeout)} s (the time limit for the whole task)"
-            running.cancel()
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await running
-            tests = [i for i, c in enumerate(job.plan) if c.role in ("check", "hidden")]
-            for i in tests:
-                job.outcomes.setdefault(i, job.expired)
+        box = _start_student(job, limits, cpu_share, (student_reads, student_writes))
+        close(student_reads, student_writes)
+        stop = threading.Event()
+        watcher = threading.Thread(target=box.watch, args=(stop,), daemon=True)
+        server = servers.get(job.plan["solution"], [c["source"] for c in job.plan["cells"]]
+                             [:job.plan["prefix"]]) if servers is not None else None
+        if server is not None:
+            done_read, done_write = os.pipe()
+            open_fds |= {done_read, done_write}
+            forked = server.start(plan_path, results_path, [trusted_reads, trusted_writes, done_write])
+            close(trusted_reads, trusted_writes, done_write)
+            watcher.start()
+            try:
+                if not _wait_for_end(done_read, left()):
+                    expired = limit
+            finally:
+                with contextlib.suppress(OSError):
+                    os.killpg(forked, 9)
+        else:
+            trusted_args, trusted_options = inherit((trusted_reads, trusted_writes))
+            with open(Path(workdir) / "trusted.log", "wb") as log:
+                trusted = subprocess.Popen(
+                    [sys.executable, "-m", "course_utils.grading_trusted", str(plan_path),
+                     str(results_path), *trusted_args], **trusted_options,
+                    env=_trusted_env(cpu_share, workdir), cwd=workdir, stdin=subprocess.DEVNULL,
+                    stdout=log, stderr=log, start_new_session=os.name == "posix")
+            close(trusted_reads, trusted_writes)
+            watcher.start()
+            try:
+                trusted.wait(timeout=left())
+            except subprocess.TimeoutExpired:
+                expired = limit
+        stop.set()
+        watcher.join(timeout=5)
+    except OSError as err:
+        expired = f"the grader could not run this task ({err}); tell your instructor"
     finally:
-        if not running.done():
-            running.cancel()
-        shutil.rmtree(workdir, ignore_errors=True)
-    tests = [i for i, c in enumerate(job.plan) if c.role in ("check", "hidden")]
-    for i in tests:  # a cell that never ran (should not happen): say so
-        job.outcomes.setdefault(i, f"{job.plan[i].label}: did not run")
-    passed = sum(job.outcomes[i] is None for i in tests)
+        close(*list(open_fds))
+        if trusted is not None:
+            _kill_group(trusted)
+        if box is not None:
+            box.close()
+    outcomes, notes = _read_results(results_path)
+    log_path = Path(workdir) / "trusted.log"
+    trusted_log = log_path.read_bytes()[-4000:].decode("utf-8", "replace") if log_path.is_file() else ""
+    _remove(workdir)
+    why_died = box.exit_reason() if box is not None else None
+    return _score(job.grade, plan, outcomes, notes, expired or _trusted_failure(trusted_log), limit,
+                  why_died, time.monotonic() - start)
+
+
+def _start_student(job: _Job, limits: GradingLimits, cpu_share: int, fds: tuple[int, int]):
+    """The sandboxed process that runs the student's cell and answers the evaluator's calls."""
+    common = _common_env(cpu_share)
+    mpl_cache = _matplotlib_cache()
+    env = dict(common, PATH="/usr/local/bin:/usr/bin:/bin", MPLCONFIGDIR=mpl_cache or "")
+    args, options = inherit(fds)
+    return sandbox.start(
+        ["-m", "course_utils.grading_student", *args], popen_options=options, env=env,
+        package_dir=Path(__file__).resolve().parent, read_only=[common["COURSE_DATA_DIR"]],
+        files=_font_cache_files(mpl_cache),
+        limits=sandbox.Limits(memory_bytes=limits.memory_bytes, max_processes=limits.max_processes,
+                              max_file_bytes=limits.max_file_bytes, output_bytes=limits.output_bytes),
+        name=f"course-grade-{os.getpid()}-{job.number}")
+
+
+def _score(grade: TaskGrade, plan: dict, outcomes: dict, notes: list[str], missing: str, limit: str,
+           why_died: str | None, seconds: float) -> TaskGrade:
+    """The task's points from its test cells' outcomes; one line per reason for what was lost."""
+    tests = [i for i, c in enumerate(plan["cells"]) if c["role"] in ("check", "hidden")]
+    for i in tests:
+        reason = outcomes.get(i, "missing")
+        if reason == "missing" or (reason == "did not run" and missing == limit):
+            reason = missing
+        if isinstance(reason, str) and reason.startswith("timed out (the time limit for the whole task)"):
+            reason = limit
+        if isinstance(reason, str) and reason.startswith(DIED):
+            reason = f"kernel died: your code {why_died}" if why_died else \
+                f"{DIED} (os._exit, a segfault, or running out of memory?)"
+        outcomes[i] = reason
+    passed = sum(outcomes[i] is None for i in tests)
     grade.passed, grade.total = passed, len(tests)
     grade.points = round(grade.max_points * passed / len(tests), 2) if tests else 0.0
-    grade.feedback += _group_reasons([job.plan[i].label for i in tests],
-                                     [job.outcomes[i] for i in tests])
-    grade.seconds = round(time.monotonic() - start, 2)
+    labels = [plan["cells"][i]["label"] for i in tests]
+    grade.feedback += notes + _group_reasons(labels, [outcomes[i] for i in tests])
+    grade.seconds = round(seconds, 2)
     return grade
+
+
+def _font_cache_files(cache: str | None) -> dict[str, str]:
+    """Matplotlib's font list, copied read-only into the sandbox: no 5-second rebuild per task."""
+    if not cache or not os.path.isdir(cache):
+        return {}
+    return {f"/tmp/matplotlib/{p.name}": str(p) for p in Path(cache).glob("fontlist-*.json")}
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    if os.name == "posix":
+        with contextlib.suppress(OSError):
+            os.killpg(process.pid, 9)
+    with contextlib.suppress(OSError):
+        process.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=10)
+
+
+def _remove(folder: str) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _read_results(path: Path) -> tuple[dict[int, str | None], list[str]]:
+    outcomes: dict[int, str | None] = {}
+    notes: list[str] = []
+    with contextlib.suppress(OSError):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                item = json.loads(line)
+            except ValueError:
+                continue
+            if "note" in item:
+                notes.append(str(item["note"]))
+            elif isinstance(item.get("index"), int):
+                outcome = item.get("outcome")
+                outcomes.setdefault(item["index"], outcome if isinstance(outcome, str) or outcome is None
+                                    else str(outcome))
+    return outcomes, notes
+
+
+def _trusted_failure(log: str) -> str:
+    tail = " / ".join(log.strip().splitlines()[-3:])
+    detail = f": {tail}" if tail else ""
+    return f"the grader could not run this task{detail}; tell your instructor"
 
 
 def _group_reasons(labels: list[str], reasons: list[str | None]) -> list[str]:
@@ -670,12 +623,14 @@ def _group_reasons(labels: list[str], reasons: list[str | None]) -> list[str]:
     return [f"{', '.join(cells)}: {reason}" for reason, cells in grouped.items()]
 
 
+
+
 # ===================================================================================
 # Public entry points
 # ===================================================================================
-def _find_solution(nb, path: Path | None, solutions_dir: Path) -> Path:
+def _find_solution(course: dict, path: Path | None, solutions_dir: Path) -> Path:
     available = sorted(p for p in solutions_dir.glob("*.ipynb") if p.is_file())
-    source = nb.metadata.get(META_KEY, {}).get("source") if nb is not None else None
+    source = course.get("source")
     candidates = []
     if isinstance(source, str) and source:
         candidates.append(solutions_dir / PurePosixPath(source).name)
@@ -700,16 +655,18 @@ def _jobs_for(sub: Submission, solutions_dir: Path, cache: dict,
     path = None if not isinstance(sub.source, (str, Path)) else Path(sub.source)
     student = sub.student or (path.stem if path is not None else "submission")
     grade = NotebookGrade(student=student, notebook="", submission=str(path or "<notebook>"))
-    nb, read_error = None, None
-    if path is None:
-        nb = sub.source
-    else:
-        try:
-            nb = read_notebook(path)
-        except CourseError as err:
-            read_error = err
-    solution_path = Path(sub.solution_path) if sub.solution_path else \
-        _find_solution(nb, path, solutions_dir)
+    cells, course, read_error = None, {}, None
+    try:
+        cells, course = read_submission(path) if path is not None else _cells_of(sub.source)
+    except CourseError as err:
+        read_error = err
+    try:
+        solution_path = Path(sub.solution_path) if sub.solution_path else \
+            _find_solution(course, path, solutions_dir)
+    except CourseError:
+        if read_error is not None:  # the real problem: say that one
+            raise CourseError(f"your notebook could not be read: {read_error}") from None
+        raise
     solution_path = solution_path.resolve()
     if solution_path not in cache:
         solution = read_notebook(solution_path)
@@ -726,34 +683,26 @@ def _jobs_for(sub: Submission, solutions_dir: Path, cache: dict,
     selected = [t for t in tasks.values() if wanted is None or t.task in wanted]
     if read_error is not None:
         grade.notes.append(f"your notebook could not be read: {read_error}")
-    elif nb.metadata.get(META_KEY, {}).get("source_sha256", digest) != digest:
+    elif course.get("source_sha256", digest) != digest:
         grade.notes.append("your exercise was built from an older version of the solution "
                            "notebook; it was graded against the current one")
     jobs = []
     for task in selected:
         task_grade = TaskGrade(task.task, 0.0, task.points)
         grade.tasks.append(task_grade)
-        cell = _student_cell(nb, task) if nb is not None else None
+        cell = _student_cell(cells, task) if cells is not None else None
         if cell is None:
             task_grade.total = len(task.test_cells)
             task_grade.feedback.append(
-                "could not read your notebook" if nb is None else
+                "could not read your notebook" if cells is None else
                 f"your cell for task {task.task!r} is missing (no cell with metadata course.task "
                 f"= {task.task!r} or id {task.cell_id!r}): copy it back from the exercise")
             continue
-        task_nb, plan = task_notebook(solution, tasks, task.task, cell.source)
-        jobs.append(_Job(task_grade, task_nb, plan))
+        key = (solution_path, task.task)
+        if key not in cache:
+            cache[key] = dict(task_plan(solution, tasks, task.task), solution=str(solution_path))
+        jobs.append(_Job(task_grade, cache[key], cell.source))
     return grade, jobs
-
-
-def _run(coroutine_factory):
-    """Run an async function to completion, also from inside a running event loop (Jupyter)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coroutine_factory())
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(lambda: asyncio.run(coroutine_factory())).result()
 
 
 def _default_jobs() -> int:
@@ -763,19 +712,20 @@ def _default_jobs() -> int:
 def grade_notebooks(submissions: Iterable, *, solutions_dir: str | Path | None = None,
                     timeout: float = DEFAULT_TIMEOUT, cell_timeout: float | None = None,
                     tasks: list[str] | None = None, jobs: int | None = None,
-                    on_error: str = "raise") -> list[NotebookGrade]:
+                    on_error: str = "raise", limits: GradingLimits | None = None) -> list[NotebookGrade]:
     """Grade several submissions (paths, notebooks or :class:`Submission`), tasks in parallel.
 
-    timeout:      seconds per task; the kernel is killed after it.
-    cell_timeout: seconds per cell (default: ``timeout``).
+    timeout:      seconds per task; its processes are killed after it.
+    cell_timeout: seconds per call of the student's code (default: ``timeout``).
     tasks:        grade only these tasks (default: all).
-    jobs:         kernels running at once (default: CPU count, at most 4).
+    jobs:         tasks graded at once (default: CPU count, at most 4).
     on_error:     ``"raise"``, or ``"record"`` to turn an unreadable or unmatched
                   submission into a grade with a note instead of an exception.
+    limits:       memory, processes, file sizes, output (timeouts from the arguments).
     """
     solutions = Path(solutions_dir) if solutions_dir else default_solutions_dir()
     jobs = jobs or _default_jobs()
-    cell_timeout = cell_timeout or timeout
+    limits = replace(limits or GradingLimits(), timeout=timeout, cell_timeout=cell_timeout or timeout)
     cache: dict = {}
     grades, all_jobs = [], []
     for item in submissions:
@@ -793,30 +743,37 @@ def grade_notebooks(submissions: Iterable, *, solutions_dir: str | Path | None =
         grades.append(grade)
         all_jobs += task_jobs
     if tasks is not None and cache:
-        known = {t for _, parsed, _ in cache.values() for t in parsed}
+        known = {t for value in cache.values() if isinstance(value, tuple) for t in value[1]}
         unknown = [t for t in tasks if t not in known]
         if unknown:
             raise CourseError(f"unknown task(s) {', '.join(unknown)} (tasks: {', '.join(sorted(known))})")
     cpu_share = max(1, (os.cpu_count() or 1) // jobs)
+    for number, job in enumerate(all_jobs):
+        job.number = number
 
-    async def run_all():
-        limit = asyncio.Semaphore(jobs)
+    servers = _ForkServers(_trusted_env(cpu_share, tempfile.gettempdir()))
 
-        async def one(job):
-            async with limit:
-                return await _run_job(job, timeout, cell_timeout, cpu_share)
+    def one(job: _Job) -> None:
+        try:
+            _run_job(job, limits, cpu_share, servers)
+        except Exception as err:  # the grader's own failure costs this task, never the run
+            job.grade.points, job.grade.total = 0.0, job.grade.total or 1
+            job.grade.feedback.append(f"the grader failed on this task ({type(err).__name__}: {err}); "
+                                      "tell your instructor")
 
-        return await asyncio.gather(*(one(job) for job in all_jobs))
-
-    if all_jobs:
-        _run(run_all)
+    try:
+        if all_jobs:
+            with ThreadPoolExecutor(jobs) as pool:
+                list(pool.map(one, all_jobs))
+    finally:
+        servers.close()
     return grades
 
 
 def grade_notebook(submission_path, solution_path=None, timeout: float = DEFAULT_TIMEOUT,
                    tasks: list[str] | None = None, *, cell_timeout: float | None = None,
                    solutions_dir: str | Path | None = None, student: str | None = None,
-                   jobs: int | None = None) -> NotebookGrade:
+                   jobs: int | None = None, limits: GradingLimits | None = None) -> NotebookGrade:
     """Grade one submitted notebook (a path or a ``NotebookNode``) task by task.
 
     The solution is ``solution_path``, else the one named by the submission's
@@ -825,27 +782,46 @@ def grade_notebook(submission_path, solution_path=None, timeout: float = DEFAULT
     """
     sub = Submission(submission_path, student, solution_path, tasks)
     return grade_notebooks([sub], solutions_dir=solutions_dir, timeout=timeout,
-                           cell_timeout=cell_timeout, jobs=jobs)[0]
+                           cell_timeout=cell_timeout, jobs=jobs, limits=limits)[0]
 
 
-def _collect(paths_or_dirs) -> list[Submission]:
+def collect_submissions(paths_or_dirs) -> list[Submission]:
+    """Every notebook to grade, each with a student id that no other submission shares.
+
+    In a folder, the student is the first folder under it (``subs/alice/...`` is
+    ``alice``); a notebook at the top of a folder, or given directly, is its own
+    student, named by its file name (``alice.ipynb`` is ``alice``). Two
+    submissions that would get the same id from different places (two folders
+    named alike, a folder and a file) keep them apart with their paths.
+    """
     if isinstance(paths_or_dirs, (str, Path)):
         paths_or_dirs = [paths_or_dirs]
-    found = []
+    found: list[tuple[Submission, str]] = []  # (submission, where this student comes from)
     for item in paths_or_dirs:
         item = Path(item)
         if item.is_dir():
             for path in sorted(item.rglob("*.ipynb")):
                 rel = path.relative_to(item)
-                if ".ipynb_checkpoints" in rel.parts:
+                if ".ipynb_checkpoints" in rel.parts or not path.is_file():
                     continue
-                student = rel.parts[0] if len(rel.parts) > 1 else path.stem
-                found.append(Submission(path, student))
+                if len(rel.parts) > 1:
+                    found.append((Submission(path, rel.parts[0]), str(item / rel.parts[0])))
+                else:
+                    found.append((Submission(path, path.stem), str(path)))
         elif item.is_file():
-            found.append(Submission(item, item.stem))
+            found.append((Submission(item, item.stem), str(item)))
         else:
             raise CourseError(f"no such submission: {item}")
-    return found
+    origins: dict[str, set[str]] = {}
+    for sub, origin in found:
+        origins.setdefault(sub.student, set()).add(origin)
+    for sub, origin in found:
+        if len(origins[sub.student]) > 1:
+            sub.student = f"{sub.student} ({origin})"
+    return [sub for sub, _ in found]
+
+
+_collect = collect_submissions
 
 
 CSV_COLUMNS = ("student", "notebook", "task", "points", "max_points", "feedback")
@@ -865,22 +841,38 @@ def grades_table(grades: list[NotebookGrade]) -> list[dict]:
     return rows
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` in one step: a reader sees the old file or the new one, never half."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
 def grade_many(paths_or_dirs, out_dir: str | Path | None = None, *,
                solutions_dir: str | Path | None = None, timeout: float = DEFAULT_TIMEOUT,
                cell_timeout: float | None = None, tasks: list[str] | None = None,
-               jobs: int | None = None, quiet: bool = False) -> list[NotebookGrade]:
+               jobs: int | None = None, quiet: bool = False,
+               limits: GradingLimits | None = None) -> list[NotebookGrade]:
     """Grade notebooks and folders of notebooks (searched recursively).
 
-    The student id is the first folder under the given folder (``subs/alice/...``
-    gives ``alice``), or the file stem for a notebook given directly or lying at
-    the top of the folder. Prints a report per student; with ``out_dir`` writes
-    ``grades.csv`` (one row per task per student), ``grades.json`` and ``report.txt``.
-    A submission that cannot be read or matched is recorded, not fatal.
+    Student ids: see :func:`collect_submissions`. Prints a report per student;
+    with ``out_dir`` writes ``grades.csv`` (one row per task per student),
+    ``grades.json`` and ``report.txt``, each atomically, after every task's
+    processes are gone. A submission that cannot be read or matched is
+    recorded with its reason, never fatal.
     """
-    submissions = _collect(paths_or_dirs)
+    submissions = collect_submissions(paths_or_dirs)
     grades = grade_notebooks(submissions, solutions_dir=solutions_dir, timeout=timeout,
                              cell_timeout=cell_timeout, tasks=tasks, jobs=jobs,
-                             on_error="record")
+                             on_error="record", limits=limits)
     grades = [g for g in grades if g.tasks or g.notes]  # notebooks without any selected task
     grades.sort(key=lambda g: (g.student, g.notebook, g.submission))
     report = _many_report(grades)
@@ -893,12 +885,17 @@ def grade_many(paths_or_dirs, out_dir: str | Path | None = None, *,
         writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(grades_table(grades))
-        (out / "grades.csv").write_text(buffer.getvalue(), encoding="utf-8")
-        (out / "grades.json").write_text(
-            json.dumps([g.to_dict() for g in grades], indent=1, ensure_ascii=False) + "\n",
-            encoding="utf-8")
-        (out / "report.txt").write_text(report + "\n", encoding="utf-8")
+        _write_atomically(out / "grades.csv", buffer.getvalue())
+        _write_atomically(out / "grades.json",
+                          json.dumps([g.to_dict() for g in grades], indent=1, ensure_ascii=False) + "\n")
+        _write_atomically(out / "report.txt", report + "\n")
     return grades
+
+
+def not_graded(grade: NotebookGrade) -> bool:
+    """Whether a submission could not be graded at all (unreadable, or no matching solution)."""
+    return not grade.tasks or any(note.startswith(("not graded", "your notebook could not be read"))
+                                  for note in grade.notes)
 
 
 def _many_report(grades: list[NotebookGrade]) -> str:
