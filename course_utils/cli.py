@@ -22,6 +22,7 @@ def cmd_check(args) -> int:
     from . import data
     from .checkpoints import checkpoint_dir
     from .runtime import describe_environment
+    from .sandbox import describe_protections
 
     info = describe_environment()
     print("Deep generative models course: environment check")
@@ -29,6 +30,7 @@ def cmd_check(args) -> int:
         print(f"  {key:<12} {value}")
     root = data.data_root(args.root)
     print(f"  {'data root':<12} {root}")
+    print(f"  {'grading':<12} {describe_protections().removeprefix('sandbox: ')}")
     problems, notes = [], []
     have_train = data.split_available("train", root)
     have_test = data.split_available("test", root)

@@ -221,6 +221,7 @@ class _SubmittedCell:
     cell_id: str | None
     task: str | None
     source: str
+    readable: bool = True  # False: its source was not text
 
 
 def read_submission(path: Path) -> tuple[list[_SubmittedCell], dict]:
@@ -254,14 +255,14 @@ def _cells_of(data) -> tuple[list[_SubmittedCell], dict]:
         source = cell.get("source", "")
         if isinstance(source, list) and all(isinstance(s, str) for s in source):
             source = "".join(source)
-        if not isinstance(source, str):
-            source = ""  # a cell whose source is not text counts as empty
+        readable = isinstance(source, str)
         meta = cell.get("metadata")
         meta = meta.get(META_KEY) if isinstance(meta, dict) else None
         task = meta.get("task") if isinstance(meta, dict) else None
         cell_id = cell.get("id")
         cells.append(_SubmittedCell(cell_id if isinstance(cell_id, str) else None,
-                                    task if isinstance(task, str) else None, source))
+                                    task if isinstance(task, str) else None,
+                                    source if readable else "", readable))
     return cells, course if isinstance(course, dict) else {}
 
 
@@ -520,9 +521,9 @@ def _run_job(job: _Job, limits: GradingLimits, cpu_share: int,
     log_path = Path(workdir) / "trusted.log"
     trusted_log = log_path.read_bytes()[-4000:].decode("utf-8", "replace") if log_path.is_file() else ""
     _remove(workdir)
-    why_died = box.exit_reason() if box is not None else None
+    broken = box.limit_exceeded() if box is not None else None
     return _score(job.grade, plan, outcomes, notes, expired or _trusted_failure(trusted_log), limit,
-                  why_died, time.monotonic() - start)
+                  broken, time.monotonic() - start)
 
 
 def _start_student(job: _Job, limits: GradingLimits, cpu_share: int, fds: tuple[int, int]):
@@ -541,18 +542,24 @@ def _start_student(job: _Job, limits: GradingLimits, cpu_share: int, fds: tuple[
 
 
 def _score(grade: TaskGrade, plan: dict, outcomes: dict, notes: list[str], missing: str, limit: str,
-           why_died: str | None, seconds: float) -> TaskGrade:
-    """The task's points from its test cells' outcomes; one line per reason for what was lost."""
+           broken: str | None, seconds: float) -> TaskGrade:
+    """The task's points from its test cells' outcomes; one line per reason for what was lost.
+
+    ``broken``: the limit the student's code broke (memory, processes), which voids the
+    whole task, the cells that passed before included.
+    """
     tests = [i for i, c in enumerate(plan["cells"]) if c["role"] in ("check", "hidden")]
     for i in tests:
+        if broken:
+            outcomes[i] = f"kernel died: your code {broken}"
+            continue
         reason = outcomes.get(i, "missing")
         if reason == "missing" or (reason == "did not run" and missing == limit):
             reason = missing
         if isinstance(reason, str) and reason.startswith("timed out (the time limit for the whole task)"):
             reason = limit
         if isinstance(reason, str) and reason.startswith(DIED):
-            reason = f"kernel died: your code {why_died}" if why_died else \
-                f"{DIED} (os._exit, a segfault, or running out of memory?)"
+            reason = f"{DIED} (os._exit, a segfault, or running out of memory?)"
         outcomes[i] = reason
     passed = sum(outcomes[i] is None for i in tests)
     grade.passed, grade.total = passed, len(tests)
@@ -691,6 +698,11 @@ def _jobs_for(sub: Submission, solutions_dir: Path, cache: dict,
         task_grade = TaskGrade(task.task, 0.0, task.points)
         grade.tasks.append(task_grade)
         cell = _student_cell(cells, task) if cells is not None else None
+        if cell is not None and not cell.readable:
+            task_grade.total = len(task.test_cells)
+            task_grade.feedback.append(f"your cell for task {task.task!r} could not be read (its source "
+                                       "is not text): copy it back from the exercise")
+            continue
         if cell is None:
             task_grade.total = len(task.test_cells)
             task_grade.feedback.append(

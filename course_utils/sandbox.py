@@ -73,6 +73,28 @@ def _bwrap() -> str | None:
 
 
 _BWRAP_WORKS: dict[str, bool] = {}
+_NOBODY_WORKS: dict[tuple, bool] = {}
+
+
+def _runs_as_nobody(command: list[str]) -> bool:
+    """As root: whether the sandbox can start as the unprivileged user 65534 instead.
+
+    That user must be able to reach every folder the sandbox shows (the Python
+    installation, the package, the data); where one is private to root (a
+    virtual environment in a mode-700 folder), the sandbox runs as root's uid
+    mapped to 65534 inside its user namespace, with no capabilities.
+    """
+    if os.geteuid() != 0:
+        return False
+    key = tuple(command)
+    if key not in _NOBODY_WORKS:
+        try:
+            done = subprocess.run(command + ["-c", "import torch"], capture_output=True, timeout=120,
+                                  preexec_fn=_limit_child(Limits(), [], SANDBOX_UID))
+            _NOBODY_WORKS[key] = done.returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            _NOBODY_WORKS[key] = False
+    return _NOBODY_WORKS[key]
 
 
 def bwrap_works() -> bool:
@@ -283,6 +305,7 @@ class Sandbox:
             time.sleep(0.05)
 
     def close(self) -> None:
+        self.limit_exceeded()  # read the cgroups' counters while they exist
         self.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=10)
@@ -299,8 +322,8 @@ class Sandbox:
         if self.scratch:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
-    def exit_reason(self) -> str | None:
-        """Why the process ended, when the grader can tell (a limit, a signal)."""
+    def limit_exceeded(self) -> str | None:
+        """Which limit the sandbox broke (memory, processes), if it broke one; kept after :meth:`close`."""
         if self.killed_because:
             return self.killed_because
         for cg in self.cgroups:  # the kernel's memory limit: the OOM killer struck inside the cgroup
@@ -310,18 +333,9 @@ class Sandbox:
                     hits = int(text) if counter == "memory.failcnt" else \
                         int(dict(line.split() for line in text.splitlines()).get("oom_kill", 0))
                     if hits:
-                        return (f"used more than the memory limit of "
-                                f"{self.limits.memory_bytes / 2**30:.1f} GB")
-        code = self.process.poll()
-        if code is not None and code < 0:
-            try:
-                name = signal.Signals(-code).name
-            except ValueError:
-                name = f"signal {-code}"
-            if -code == getattr(signal, "SIGXFSZ", -1):
-                return f"wrote a file larger than {self.limits.max_file_bytes / 2**20:.0f} MB"
-            return f"killed by {name}"
-        return None
+                        self.killed_because = (f"used more than the memory limit of "
+                                               f"{self.limits.memory_bytes / 2**30:.1f} GB")
+        return self.killed_because
 
 
 def _make_cgroups(roots: dict[str, Path], name: str, limits: Limits) -> list[Path]:
@@ -352,8 +366,9 @@ def _make_cgroups(roots: dict[str, Path], name: str, limits: Limits) -> list[Pat
     return made
 
 
-def _limit_child(limits: Limits, cgroups: list[Path]):
-    """The function the child runs before exec: cgroups, resource limits, die with the grader."""
+def _limit_child(limits: Limits, cgroups: list[Path], drop_to: int | None = None):
+    """The function the child runs before exec: cgroups, resource limits, the unprivileged
+    user (when the grader is root), and death with the grader."""
 
     def prepare() -> None:
         for cg in cgroups:
@@ -361,7 +376,11 @@ def _limit_child(limits: Limits, cgroups: list[Path]):
                 f.write(str(os.getpid()))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         resource.setrlimit(resource.RLIMIT_FSIZE, (limits.max_file_bytes, limits.max_file_bytes))
-        if _LIBC is not None:
+        if drop_to is not None:
+            os.setgroups([])
+            os.setresgid(drop_to, drop_to, drop_to)
+            os.setresuid(drop_to, drop_to, drop_to)
+        if _LIBC is not None:  # after the user change, which clears it
             _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the grader
 
     return prepare
@@ -379,6 +398,7 @@ def start(argv: list[str], *, popen_options: dict, env: dict[str, str], package_
     """
     package_dir = package_dir.resolve()
     env = dict(env)
+    drop_to = None
     roots = _cgroup_roots()
     cgroups = _make_cgroups(roots, name, limits) if roots else []
     scratch = None
@@ -403,7 +423,10 @@ def start(argv: list[str], *, popen_options: dict, env: dict[str, str], package_
                    "--cap-drop", "ALL"]
         for key, value in env.items():
             command += ["--setenv", key, value]
-        command += ["--", sys.executable, *argv]
+        command += ["--", sys.executable]
+        if _runs_as_nobody(command):
+            drop_to = SANDBOX_UID
+        command += argv
         cwd, popen_env = None, {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     else:
         scratch = tempfile.mkdtemp(prefix="course-grade-")
@@ -412,7 +435,7 @@ def start(argv: list[str], *, popen_options: dict, env: dict[str, str], package_
         command, cwd, popen_env = [sys.executable, *argv], scratch, env
     kwargs: dict = dict(popen_options)
     if os.name == "posix":
-        kwargs.update(start_new_session=True, preexec_fn=_limit_child(limits, cgroups))
+        kwargs.update(start_new_session=True, preexec_fn=_limit_child(limits, cgroups, drop_to))
     process = subprocess.Popen(command, env=popen_env, cwd=cwd,
                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, **kwargs)
