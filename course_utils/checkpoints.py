@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import DEFAULT_ROOT, data_root
+from .data import DEFAULT_ROOT, data_root, training_data_description
 from .runtime import budget
 
 CHECKPOINT_ENV = "COURSE_CHECKPOINT_DIR"
@@ -178,3 +178,16 @@ def load_or_train(name: str, config: dict, model: nn.Module, train_fn, budget_na
         print(f"[course checkpoints] could not cache {name}: {err}")
     model.eval()
     return model, {"source": "trained", "metrics": metrics, "path": str(path) if path else None}
+
+
+def training_config(model_config: dict, budget_name: str | None = None, seed: int = 0,
+                    max_seconds: float | None = None) -> dict:
+    """A model's config completed as ``course train`` caches it: seed, time limit, training data.
+
+    ``course train`` and the notebooks both build their configs with this, so that
+    a notebook finds the checkpoint the command cached (:func:`load_or_train`).
+    """
+    config = dict(model_config)
+    config.update(seed=seed, max_seconds=max_seconds,
+                  data=training_data_description(budget_name=budget_name))
+    return config

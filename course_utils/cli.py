@@ -48,9 +48,15 @@ def cmd_check(args) -> int:
         problems.append(f"MNIST is not in {root / 'MNIST' / 'raw'}: run `course data --root {root}` "
                         f"or set ${data.DATA_ENV}")
     elif not have_train:
-        notes.append("only the test split is here: the smoke budget trains on its first 8,000 images "
-                     f"and holds out the last 2,000; other budgets need the train split, or "
-                     f"{data.TEST_SPLIT_ENV}=1 to use that split too")
+        split_asked = os.environ.get(data.TEST_SPLIT_ENV, "") not in ("", "0")
+        if info["budget"] == "smoke" or split_asked:
+            notes.append("only the test split is here: the notebooks train on its first 8,000 images "
+                         "and hold out the last 2,000 (the output says so wherever this split is used)")
+        else:
+            problems.append(f"the {info['budget']} budget trains on MNIST's train split, which is not in "
+                            f"{root / 'MNIST' / 'raw'}: run `course data --root {root}` to download it, "
+                            f"or set {data.TEST_SPLIT_ENV}=1 to train on the first 8,000 test images and "
+                            "hold out the last 2,000")
     print(f"  {'checkpoints':<12} {checkpoint_dir()}")
     if info["device"] == "cpu":
         notes.append("no GPU found: the classroom budget is the default and runs every notebook "
@@ -97,6 +103,9 @@ def cmd_exercises(args) -> int:
     target = Path(args.exercises) if args.exercises else exercises.default_exercises_dir()
     if not solutions.is_dir():
         raise CourseError(f"no solutions folder at {solutions}")
+    if not args.solutions and not (Path.cwd() / "solutions").is_dir():
+        print(f"no ./solutions here: using the installed course's {solutions} and {target} "
+              "(pass --solutions and --exercises to choose)")
     if args.action == "build":
         written = exercises.build_all(solutions, target)
         for path in written:
@@ -153,6 +162,15 @@ def cmd_train(args) -> int:
     from .runtime import get_device, seed_everything
 
     spec = registry.get(args.model)
+    if args.max_seconds is not None and not (math.isfinite(args.max_seconds) and args.max_seconds > 0):
+        raise CourseError(f"--max-seconds must be a positive number of seconds, not {args.max_seconds}")
+    out = Path(args.out or Path("runs") / f"{spec.name}-{args.budget or 'default'}")
+    for folder, option in ((out, "--out"), (Path(args.checkpoint_dir) if args.checkpoint_dir else None,
+                                            "--checkpoint-dir")):
+        blocked = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None) \
+            if folder is not None else None
+        if blocked is not None:
+            raise CourseError(f"{option} {folder}: {blocked} is a file, not a folder")
     budget_name = check_budget(args.budget or os.environ.get(BUDGET_ENV) or _default_budget())
     os.environ[BUDGET_ENV] = budget_name  # the data module and the spec read it
     if args.test_split:
@@ -193,7 +211,9 @@ def _default_budget() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="course", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="course", description="The deep generative models course: check the set-up, get the "
+        "data, build and grade exercises, train models. `course COMMAND --help` says more.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("check", help="versions, device, budget and data, with a verdict")
@@ -207,14 +227,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("exercises", help="build exercises/ from solutions/, or check it is fresh")
     p.add_argument("action", choices=["build", "check"])
-    p.add_argument("--solutions", help="solutions folder (default: ./solutions)")
-    p.add_argument("--exercises", help="exercises folder (default: ./exercises)")
+    p.add_argument("--solutions",
+                   help="solutions folder (default: ./solutions, else the installed course's)")
+    p.add_argument("--exercises",
+                   help="exercises folder (default: ./exercises, else the installed course's)")
     p.set_defaults(func=cmd_exercises)
 
     p = sub.add_parser("grade", help="grade submissions (files or folders) against solutions/")
     p.add_argument("submissions", nargs="+", help="notebooks, or folders of notebooks")
-    p.add_argument("--solutions", help="solutions folder (default: ./solutions)")
-    p.add_argument("--out", help="write grades.csv and grades.json here")
+    p.add_argument("--solutions",
+                   help="solutions folder (default: ./solutions, else the installed course's)")
+    p.add_argument("--out", help="write grades.csv, grades.json and report.txt here")
     p.add_argument("--timeout", type=float, default=300, help="seconds allowed per task")
     p.add_argument("--cell-timeout", type=float, default=None,
                    help="seconds allowed for one call of the student's code (default: --timeout)")

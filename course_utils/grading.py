@@ -405,13 +405,13 @@ class _ForkServer:
 
 
 class _ForkServers:
-    """One :class:`_ForkServer` per solution notebook, started when first needed (POSIX only)."""
+    """One :class:`_ForkServer` per solution notebook, started when first needed (Linux only)."""
 
     def __init__(self, env: dict[str, str]):
         self.env, self.servers, self.lock = env, {}, threading.Lock()
 
     def get(self, key, setup: list[str]) -> _ForkServer | None:
-        if os.name != "posix" or not hasattr(os, "fork"):
+        if not sys.platform.startswith("linux"):  # fork after importing torch is only safe there
             return None
         with self.lock:
             server = self.servers.get(key)

@@ -83,9 +83,6 @@ def training_config(name: str, budget_name: str | None = None, seed: int = 0,
     training data's description. A notebook that builds the same dict finds the
     checkpoint that command cached (``checkpoints.load_or_train``).
     """
-    from .data import training_data_description
+    from .checkpoints import training_config as complete
 
-    config = dict(get(name).make_config(budget_name))
-    config.update(seed=seed, max_seconds=max_seconds,
-                  data=training_data_description(budget_name=budget_name))
-    return config
+    return complete(get(name).make_config(budget_name), budget_name, seed, max_seconds)

@@ -580,9 +580,9 @@ def course_train_config(budget_name: str | None = None, seed: int = 0,
     description to :func:`vae_config`; a notebook that builds the same dict finds
     the checkpoint that command cached (``checkpoints.load_or_train``).
     """
-    from .registry import training_config
+    from .checkpoints import training_config
 
-    return training_config("vae", budget_name, seed=seed, max_seconds=max_seconds)
+    return training_config(vae_config(budget_name), budget_name, seed=seed, max_seconds=max_seconds)
 
 
 def build_vae(config: dict) -> nn.Module:

@@ -31,6 +31,19 @@ def test_check_gives_a_ready_verdict(data_dir):
     assert "MNIST test   found, 10,000 images" in result.stdout
 
 
+def test_check_verdict_matches_what_the_budget_will_do(data_dir):
+    from course_utils.data import split_available
+
+    if split_available("train", data_dir):
+        pytest.skip("the train split is here: every budget can run")
+    # only the test split is here: the classroom budget would fail in mnist("train")
+    result = course("check", env={"COURSE_BUDGET": "classroom", "COURSE_TEST_SPLIT": ""})
+    assert result.returncode == 1, result.stdout
+    assert "verdict: NOT READY" in result.stdout and "COURSE_TEST_SPLIT=1" in result.stdout
+    result = course("check", env={"COURSE_BUDGET": "classroom", "COURSE_TEST_SPLIT": "1"})
+    assert result.returncode == 0 and "verdict: READY" in result.stdout, result.stdout
+
+
 def test_check_without_data_says_not_ready(tmp_path):
     result = course("check", "--root", str(tmp_path))
     assert result.returncode == 1
@@ -61,6 +74,23 @@ def test_bad_budget_is_one_line():
 def test_missing_data_root_is_one_line(tmp_path):
     assert_one_line_error(course("train", "classifier", "--budget", "smoke",
                                  "--root", str(tmp_path / "nowhere")), "nowhere")
+
+
+@pytest.mark.parametrize("seconds", ["-5", "0", "nan", "inf"])
+def test_bad_time_limit_is_one_line_before_any_work(seconds):
+    assert_one_line_error(course("train", "classifier", "--budget", "smoke", "--max-seconds", seconds),
+                          "--max-seconds")
+
+
+def test_out_under_a_file_is_one_line_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = course("train", "classifier", "--budget", "smoke", "--out", str(tmp_path / "file" / "run"))
+    assert_one_line_error(result, "is a file, not a folder")
+    assert "training" not in result.stdout
+
+
+def test_grade_with_nothing_to_grade_is_one_line(tmp_path):
+    assert_one_line_error(course("grade", str(tmp_path)), "nothing to grade")
 
 
 def test_missing_submission_is_one_line(tmp_path):

@@ -106,6 +106,9 @@ def test_declared_mistake_loses_points_with_its_hint(batch, case):
     graded = grade.task(task)
     assert graded.points < graded.max_points, f"mistake {mistake['name']!r} was not caught\n{report}"
     assert mistake["hint"] in report, f"the hint is not printed\n{report}"
+    # the student sees it before handing in: the visible check cell fails too
+    assert any(line.startswith("check cell") for line in graded.feedback), \
+        f"the visible check cell lets mistake {mistake['name']!r} pass\n{report}"
 
 
 def test_apply_mistake_refuses_drifted_declarations():
