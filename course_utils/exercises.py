@@ -56,6 +56,13 @@ STUB_COMMENT = "# YOUR CODE HERE"
 NOT_IMPLEMENTED = "not implemented yet"  # the grader recognises a stub by this text
 MARKERS = (SOLUTION_BEGIN, SOLUTION_END, HIDDEN_BEGIN, HIDDEN_END)
 META_KEY = "course"
+# The first code cell of every notebook of the course, lecture or exercise, so that its Colab link works.
+INSTALL_CELL = """# On Colab (or any machine where the course is not installed yet) this cell installs it.
+try:
+    import course_utils
+except ImportError:
+    %pip install -q "git+https://github.com/deep-generative-course/course.git"
+    import course_utils"""
 MIN_MISTAKES = 2
 SOURCE_PREFIX = "solutions/"
 

@@ -522,6 +522,10 @@ def _run_job(job: _Job, limits: GradingLimits, cpu_share: int,
     trusted_log = log_path.read_bytes()[-4000:].decode("utf-8", "replace") if log_path.is_file() else ""
     _remove(workdir)
     broken = box.limit_exceeded() if box is not None else None
+    failed_start = box.startup_failure() if box is not None else None
+    if failed_start:  # not the student's doing: say so in every test's place
+        outcomes = {i: f"the grader could not start the sandbox ({failed_start}); tell your instructor"
+                    for i, c in enumerate(plan["cells"]) if c["role"] in ("check", "hidden")}
     return _score(job.grade, plan, outcomes, notes, expired or _trusted_failure(trusted_log), limit,
                   broken, time.monotonic() - start)
 

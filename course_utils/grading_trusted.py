@@ -67,16 +67,22 @@ class StudentProcess:
         except Exception as err:  # a refused message
             raise StudentGone(f"your code sent back something the grader cannot read: {err}") from None
 
+    def send(self, body: dict, blobs: list[bytes] = ()) -> None:
+        try:
+            self.channel.send(body, blobs)
+        except OSError:  # a broken pipe: the process is gone
+            raise StudentGone(DIED) from None
+
     def send_run(self, source: str, role: str) -> None:
         """Ask for a cell to run; its reply is collected by :meth:`run_reply`, in order."""
-        self.channel.send({"op": "run", "source": source, "role": role})
+        self.send({"op": "run", "source": source, "role": role})
 
     def run_reply(self, timeout: float) -> dict | None:
         reply, _ = self._receive(timeout, "an endless loop, or code far too slow?")
         return reply.get("error")
 
     def send_identify(self, names: list[str]) -> None:
-        self.channel.send({"op": "identify", "names": names})
+        self.send({"op": "identify", "names": names})
 
     def identify_reply(self, timeout: float) -> dict:
         reply, _ = self._receive(timeout, "while looking up your functions")
@@ -101,7 +107,7 @@ class StudentProcess:
                 numbers.append(number)
             body["wrt"] = numbers
             body["grad_output"] = encoder.encode(grad_output)
-        self.channel.send(body, encoder.blobs)
+        self.send(body, encoder.blobs)
         start = time.monotonic()
         while True:
             reply, blobs = self._receive(timeout, "an endless loop, or code far too slow?", start)
@@ -134,10 +140,12 @@ class StudentProcess:
             decoder = Decoder(blobs)
             result = function(*decoder.decode(message.get("args")), **decoder.decode(message.get("kwargs")))
             encoder = Encoder()
-            self.channel.send({"op": "callback_result", "value": encoder.encode(result), "error": None},
-                              encoder.blobs)
+            self.send({"op": "callback_result", "value": encoder.encode(result), "error": None},
+                      encoder.blobs)
+        except StudentGone:
+            raise
         except (WireError, Exception) as err:
-            self.channel.send({"op": "callback_result", "error": f"{type(err).__name__}: {err}"[:500]})
+            self.send({"op": "callback_result", "error": f"{type(err).__name__}: {err}"[:500]})
 
 
 def _exception(error: dict) -> BaseException:

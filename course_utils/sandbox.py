@@ -186,17 +186,25 @@ def _system_binds() -> list[str]:
 
 
 def _python_paths(package_dir: Path) -> list[str]:
-    """Folders the student's Python needs: the interpreter's and the packages', never the repository."""
+    """Folders the student's Python needs: the interpreter's and its site-packages, nothing else.
+
+    Not every ``sys.path`` entry: one may be the folder the grader was started from,
+    which can hold anything (solutions, grades). Never the course repository.
+    """
+    import site
+
     repo = package_dir.parent
-    wanted = {Path(sys.base_prefix), Path(sys.prefix), Path(sys.executable).resolve().parent.parent}
-    for entry in sys.path:
-        if entry and os.path.isdir(entry):
-            wanted.add(Path(entry).resolve())
-    kept = []
-    for path in sorted(wanted, key=lambda p: len(p.parts)):
-        path = path.resolve()
-        if path == repo or repo.is_relative_to(path) or path.is_relative_to(repo):
+    wanted = {Path(sys.base_prefix), Path(sys.prefix), Path(sys.exec_prefix), Path(sys.base_exec_prefix),
+              Path(sys.executable).resolve().parent.parent}
+    wanted |= {Path(p) for p in site.getsitepackages()}
+    user_site = site.getusersitepackages() if site.ENABLE_USER_SITE else None
+    if user_site:
+        wanted.add(Path(user_site))
+    kept: list[str] = []
+    for path in sorted((p.resolve() for p in wanted if p.is_dir()), key=lambda p: len(p.parts)):
+        if repo.is_relative_to(path):
             continue  # the repository (with solutions/) or a folder holding it: never mounted
+        # (a folder inside it, such as a .venv made in the repository, is fine)
         if str(path) in ("/", "/usr", "/lib", "/bin", "/home", "/tmp", "/root"):
             continue
         if any(path.is_relative_to(Path(k)) for k in kept):
@@ -322,6 +330,12 @@ class Sandbox:
         if self.scratch:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
+    def startup_failure(self) -> str | None:
+        """bubblewrap's own complaint, when it could not start the sandbox at all."""
+        text = bytes(self.output[:4096]).decode("utf-8", "replace")
+        lines = [line for line in text.splitlines() if line.startswith("bwrap:")]
+        return lines[0] if lines and self.uses_bwrap else None
+
     def limit_exceeded(self) -> str | None:
         """Which limit the sandbox broke (memory, processes), if it broke one; kept after :meth:`close`."""
         if self.killed_because:
@@ -416,7 +430,9 @@ def start(argv: list[str], *, popen_options: dict, env: dict[str, str], package_
             if os.path.isfile(outside):
                 mounts += ["--ro-bind", outside, inside]
         env["MPLCONFIGDIR"] = "/tmp/matplotlib"
-        command = [_bwrap(), *binds, *mounts,
+        # the fresh /tmp and /home first: a folder bound from under /tmp (a virtual environment
+        # made by mktemp, say) must lie on top of the empty /tmp, not under it
+        command = [_bwrap(), *mounts, *binds,
                    "--proc", "/proc", "--dev", "/dev", "--chdir", SANDBOX_HOME,
                    "--unshare-all", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
                    "--hostname", "sandbox", "--die-with-parent", "--new-session", "--clearenv",

@@ -9,7 +9,7 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 from course_utils import exercises
-from course_utils.exercises import ExerciseError, build_all, build_exercise, check_all
+from course_utils.exercises import ExerciseError, build_all, build_exercise, check_all, read_notebook
 
 REPO = Path(__file__).resolve().parents[1]
 SOLUTIONS = sorted((REPO / "solutions").glob("*.ipynb"))
@@ -295,3 +295,14 @@ def test_duplicate_task_and_missing_ids_are_errors():
     del cell(nb, "setup")["id"]
     with pytest.raises(ExerciseError, match="has no id"):
         build_exercise(nb, name="toy.ipynb")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "notebooks").glob("*.ipynb")) + sorted(
+    (REPO / "solutions").glob("*.ipynb")) + sorted((REPO / "exercises").glob("*.ipynb")),
+    ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_notebook_starts_with_the_install_cell(path):
+    from course_utils.exercises import INSTALL_CELL
+
+    code = [c for c in read_notebook(path).cells if c.cell_type == "code"]
+    assert code and code[0].source == INSTALL_CELL, f"{path.name}: the first code cell must be the " \
+        "course's install cell (course_utils.exercises.INSTALL_CELL), or its Colab link fails"
