@@ -744,3 +744,166 @@ def evaluate_ae(model: nn.Module, config: dict, device=None) -> dict:
 
 
 evaluate_dae = evaluate_ae
+
+
+# ----------------------------------------------------------------------------------
+# Sparse coding (Olshausen & Field, 1996): codes that are solved for, not computed
+# ----------------------------------------------------------------------------------
+# A dictionary D (d x k) holds k "atoms" d_1, ..., d_k in its columns. Each example x
+# (d) is written as a sparse combination x ~ D h = sum_j h_j d_j, where the code h (k)
+# has mostly zeros. There is no encoder network: the code of x is whatever minimizes
+#
+#     E(h) = 1/2 ||x - D h||^2 + lam ||h||_1                       (the Lasso)
+#
+# so the "encoder" is an optimization (implicit, nonlinear), while the "decoder"
+# h -> D h is linear. A sparse autoencoder instead *learns* an explicit encoder
+# h = f(x) and only penalizes lam ||h||_1 in its loss: one forward pass per code, but
+# codes that need not be the best ones for its decoder.
+#
+# (The seed writes the objective without the 1/2. That only rescales lam: its lam is
+# twice ours. Rows are examples everywhere below: x is (N, d), the codes are (N, k) and
+# the reconstructions are codes @ D^T.)
+def soft_threshold(x: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    """Soft thresholding S_t(x) = sign(x) * max(|x| - t, 0), elementwise.
+
+    It is the proximal operator of t ||.||_1:
+
+        S_t(x) = argmin_z  1/2 (z - x)^2 + t |z|,
+
+    i.e. entries with |x| <= t (the "dead zone") become exactly 0 and all the others
+    move towards 0 by t. ``threshold`` is a number or a tensor that broadcasts with x.
+    """
+    return torch.sign(x) * (x.abs() - threshold).clamp_min(0)
+
+
+def lasso_objective(x: torch.Tensor, dictionary: torch.Tensor, codes: torch.Tensor,
+                    lam: float) -> torch.Tensor:
+    """Per-example Lasso objective 1/2 ||x_n - D h_n||^2 + lam ||h_n||_1, shape (N,).
+
+    x: (N, d) data (or (N, ...), flattened); dictionary D: (d, k); codes h: (N, k).
+    """
+    x = x.reshape(len(x), -1)
+    residual = x - codes @ dictionary.T
+    return 0.5 * residual.pow(2).sum(1) + lam * codes.abs().sum(1)
+
+
+def ista(x: torch.Tensor, dictionary: torch.Tensor, lam: float, steps: int = 100,
+         fista: bool = True, codes: torch.Tensor | None = None) -> torch.Tensor:
+    """Sparse codes (N, k) minimizing the Lasso objective for every row of x, by (F)ISTA.
+
+    The objective is smooth part + L1 part. The gradient of the smooth part
+    1/2 ||x - D h||^2 is D^T (D h - x), and it is L-Lipschitz with L the largest
+    eigenvalue of D^T D (= ||D||_2^2, the squared spectral norm). ISTA takes a gradient
+    step of size 1/L on the smooth part, then the prox of the L1 part:
+
+        h  <-  S_{lam/L}( h - (1/L) D^T (D h - x) ),
+
+    which never increases the objective and converges like O(1/t). FISTA (Beck &
+    Teboulle, 2009) applies the same step at an extrapolated point y, which gives
+    O(1/t^2):
+
+        h_new = S_{lam/L}( y - (1/L) D^T (D y - x) )
+        t_new = (1 + sqrt(1 + 4 t^2)) / 2,                      t_0 = 1
+        y     = h_new + ((t - 1) / t_new) (h_new - h)           (momentum)
+
+    All rows are solved at once: with rows as examples, D^T (D h - x) is
+    h @ (D^T D) - x @ D. ``codes`` (N, k) warm-starts the iteration (default: zeros).
+    """
+    x = x.reshape(len(x), -1)
+    gram = dictionary.T @ dictionary                              # (k, k)
+    data_term = x @ dictionary                                   # (N, k): rows D^T x_n
+    lipschitz = torch.linalg.matrix_norm(dictionary, ord=2).pow(2)
+    step = 1.0 / lipschitz.clamp_min(torch.finfo(lipschitz.dtype).tiny)
+    if codes is None:
+        codes = x.new_zeros(len(x), dictionary.shape[1])
+    y, t = codes, 1.0
+    for _ in range(steps):
+        gradient = y @ gram - data_term                          # D^T (D y - x), per row
+        new_codes = soft_threshold(y - step * gradient, step * lam)
+        if fista:
+            t_new = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
+            y = new_codes + ((t - 1.0) / t_new) * (new_codes - codes)
+            t = t_new
+        else:
+            y = new_codes
+        codes = new_codes
+    return codes
+
+
+def _random_rows(x: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``count`` distinct random rows of x (with repeats if x has fewer), as unit vectors."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    if count <= len(x):
+        index = torch.randperm(len(x), generator=generator, device=device)[:count]
+    else:
+        index = torch.randint(len(x), (count,), generator=generator, device=device)
+    rows = x[index.to(x.device)]
+    return rows / rows.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).eps)
+
+
+def update_dictionary(x: torch.Tensor, codes: torch.Tensor, eps: float = 1e-8,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """The dictionary step: least squares for D given the codes, then unit-norm atoms.
+
+    With the codes H (N, k) fixed, the reconstruction error ||X - H D^T||^2 is quadratic
+    in D, minimized by the normal equations
+
+        (H^T H + ridge I) D^T = H^T X,
+
+    with a tiny ridge (eps, relative to the mean of diag H^T H) so that the system stays
+    solvable when some atom is never used. Then every column d_j is divided by its norm.
+    Why: the L1 penalty would otherwise be dodged, since replacing (d_j, h_j) by
+    (c d_j, h_j / c) leaves D h unchanged and divides lam |h_j| by c; with c -> infinity
+    every code would shrink to 0 while atoms blow up.
+
+    Atoms that no example uses (a zero column of H, hence of D) are re-initialized as
+    random data rows (normalized), drawn with ``generator``, so that they get another
+    chance at the next Lasso step. Returns D, shape (d, k), dtype and device of x.
+    """
+    x = x.reshape(len(x), -1)
+    codes = codes.to(x)
+    gram = codes.T @ codes                                           # (k, k)
+    ridge = eps * (1.0 + gram.diagonal().mean())
+    eye = torch.eye(gram.shape[0], dtype=x.dtype, device=x.device)
+    dictionary = torch.linalg.solve(gram + ridge * eye, codes.T @ x).T  # (d, k)
+    norms = dictionary.norm(dim=0)
+    unused = (codes == 0).all(dim=0) | (norms <= torch.finfo(x.dtype).eps)
+    dictionary = dictionary / norms.clamp_min(torch.finfo(x.dtype).eps)
+    count = int(unused.sum())
+    if count:
+        dictionary[:, unused] = _random_rows(x, count, generator).T
+    return dictionary
+
+
+def learn_dictionary(x: torch.Tensor, num_atoms: int, lam: float, iterations: int = 20,
+                     ista_steps: int = 50, generator: torch.Generator | None = None,
+                     ) -> tuple[torch.Tensor, list[float]]:
+    """Sparse coding by alternating minimization of the summed Lasso objective
+
+        sum_n  1/2 ||x_n - D h_n||^2 + lam ||h_n||_1    over the codes h_n and D.
+
+    The objective is not convex in (D, h) jointly, but it is in each one alone:
+
+    1. Lasso step: D fixed, solve for every code with :func:`ista` (FISTA), warm-started
+       from the previous codes.
+    2. Dictionary step: codes fixed, least squares for D, atoms normalized
+       (:func:`update_dictionary`).
+
+    The atoms start as ``num_atoms`` random data rows, normalized, and get a first
+    Lasso step. Each iteration is then a dictionary step followed by a Lasso step for
+    the new D, after which the history records the mean Lasso objective, so that the
+    returned D and the last value belong together. It goes down, mostly: normalizing
+    the atoms after the least-squares fit can cost a little.
+
+    Returns (D of shape (d, num_atoms), list of ``iterations`` floats).
+    """
+    x = x.reshape(len(x), -1)
+    history: list[float] = []
+    with torch.no_grad():
+        dictionary = _random_rows(x, num_atoms, generator).T.contiguous()
+        codes = ista(x, dictionary, lam, steps=ista_steps)
+        for _ in range(iterations):
+            dictionary = update_dictionary(x, codes, generator=generator)
+            codes = ista(x, dictionary, lam, steps=ista_steps, codes=codes)
+            history.append(float(lasso_objective(x, dictionary, codes, lam).mean()))
+    return dictionary, history

@@ -182,12 +182,16 @@ def load_or_train(name: str, config: dict, model: nn.Module, train_fn, budget_na
 
 def training_config(model_config: dict, budget_name: str | None = None, seed: int = 0,
                     max_seconds: float | None = None) -> dict:
-    """A model's config completed as ``course train`` caches it: seed, time limit, training data.
+    """A model's config completed as ``course train`` caches it: the seed and the training data.
 
     ``course train`` and the notebooks both build their configs with this, so that
-    a notebook finds the checkpoint the command cached (:func:`load_or_train`).
+    a notebook finds the checkpoint the command cached (:func:`load_or_train`). A
+    time limit (``max_seconds``) is not part of it: it changes how long a model
+    trains, not which model it is, so ``course train vae --max-seconds 300`` writes
+    the checkpoint that notebook 03 loads, and a new limit replaces it instead of
+    adding a file. ``course train`` records the limit in ``metrics.json``.
     """
+    del max_seconds  # accepted for the callers' convenience; deliberately not hashed
     config = dict(model_config)
-    config.update(seed=seed, max_seconds=max_seconds,
-                  data=training_data_description(budget_name=budget_name))
+    config.update(seed=seed, data=training_data_description(budget_name=budget_name))
     return config

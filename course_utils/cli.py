@@ -191,7 +191,7 @@ def cmd_train(args) -> int:
     metrics = dict(spec.evaluate(model, config, device))
     metrics.update(train_info)
     metrics.update(model=spec.name, budget=budget_name, device=str(device), seed=args.seed,
-                   train_seconds=round(seconds, 1), train_data=config["data"],
+                   max_seconds=args.max_seconds, train_seconds=round(seconds, 1), train_data=config["data"],
                    parameters=sum(p.numel() for p in model.parameters()))
     path = save_checkpoint(spec.name, model, config, metrics, directory=args.checkpoint_dir)
     out = Path(args.out or Path("runs") / f"{spec.name}-{budget_name}")

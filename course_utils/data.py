@@ -136,6 +136,21 @@ def uses_test_split(root=None, budget_name: str | None = None) -> bool:
     return budget(budget_name) == "smoke" or test_split_requested()
 
 
+def _reason(err: BaseException) -> str:
+    """The most specific message in an exception chain (torchvision wraps the network's)."""
+    found, seen = type(err).__name__, set()
+    if str(err).startswith("Error downloading"):  # torchvision tried every mirror and gave up
+        found = "none of the download mirrors could be reached: no internet connection?"
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        text = str(getattr(err, "reason", "") or err).strip().splitlines()
+        text = text[0].strip(" :") if text else ""
+        if text and not text.startswith("Error downloading"):
+            found = f"{type(err).__name__}: {text}"
+        err = err.__cause__ or err.__context__
+    return found
+
+
 class MNIST(torchvision.datasets.MNIST):
     """torchvision's MNIST, returning tensors, reading hand-placed ``.gz`` files.
 
@@ -185,14 +200,16 @@ class MNIST(torchvision.datasets.MNIST):
         if self._check_exists():
             return
         split = "train" if self.train else "test"
+        prefix = "train" if self.train else "t10k"
+        # torchvision fetches all four files; fetch this split's two only
+        self.resources = [r for r in type(self).resources if r[0].startswith(prefix)]
         try:
             Path(self.raw_folder).mkdir(parents=True, exist_ok=True)
             super().download()
-        except Exception as err:  # network, permissions, checksum: one clear message
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        except Exception as err:  # network, permissions, checksum: one clear message, no chain
             raise MNISTNotFoundError(
-                _missing_message(split, Path(self.root), f"The download failed ({reason}). ")
-            ) from err
+                _missing_message(split, Path(self.root), f"The download failed ({_reason(err)}). ")
+            ) from None
 
     # -- access ----------------------------------------------------------------
     def __getitem__(self, index):

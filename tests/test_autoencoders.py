@@ -313,3 +313,148 @@ def test_evaluate_reports_ae_and_pca_errors(data_dir):
         assert key in metrics
     assert metrics["ratio_ae_over_pca"] == pytest.approx(metrics["test_mse"] / metrics["pca_mse"], rel=1e-2)
     assert "held out" in metrics["test_data"] or "test" in metrics["test_data"]
+
+
+# -- sparse coding: soft thresholding, ISTA, the dictionary step ------------------------------
+@pytest.fixture
+def one_thread():
+    """These problems are tiny: one thread is fastest, and spares a busy machine's other cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def planted_sparse_data(d=16, k=8, n=300, density=0.25, noise=0.01, seed=0, dtype=torch.float32):
+    """x_n = D h_n + noise with a random unit-norm D (d, k) and sparse Gaussian codes h_n."""
+    g = gen(seed)
+    dictionary = torch.randn(d, k, generator=g, dtype=dtype)
+    dictionary = dictionary / dictionary.norm(dim=0)
+    codes = torch.randn(n, k, generator=g, dtype=dtype) * (torch.rand(n, k, generator=g) < density)
+    x = codes @ dictionary.T + noise * torch.randn(n, d, generator=g, dtype=dtype)
+    return x, dictionary, codes
+
+
+def best_cosines(true, learned):
+    """For every true atom, the largest |cosine| with a learned atom (sign and order free)."""
+    true, learned = true / true.norm(dim=0), learned / learned.norm(dim=0)
+    return (true.T @ learned).abs().max(dim=1).values
+
+
+def test_soft_threshold_values_and_broadcast():
+    x = torch.tensor([-3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0])
+    assert torch.equal(ae.soft_threshold(x, 1.0), torch.tensor([-2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0]))
+    assert torch.equal(ae.soft_threshold(x, 0.0), x)
+    t = torch.tensor([[0.5], [2.5]])                      # one threshold per row
+    out = ae.soft_threshold(x.expand(2, -1), t)
+    assert torch.equal(out[0], torch.tensor([-2.5, -0.5, 0.0, 0.0, 0.0, 0.5, 2.5]))
+    assert torch.equal(out[1], torch.tensor([-0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5]))
+    assert ae.soft_threshold(x.double(), 1.0).dtype == torch.float64
+
+
+@pytest.mark.parametrize("t", [0.3, 1.0])
+def test_soft_threshold_is_the_prox_of_the_l1_norm(t):
+    # S_t(x) = argmin_z 1/2 (z - x)^2 + t |z|, found by brute force on a fine grid
+    x = torch.tensor([-2.0, -1.1, -0.7, -0.2, 0.0, 0.25, 0.9, 1.6], dtype=torch.float64)
+    z = torch.linspace(-4, 4, 80001, dtype=torch.float64)
+    energy = 0.5 * (z[None, :] - x[:, None]) ** 2 + t * z.abs()[None, :]
+    assert torch.allclose(z[energy.argmin(dim=1)], ae.soft_threshold(x, t), atol=2e-4)
+
+
+def test_lasso_objective_by_hand():
+    x = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
+    dictionary = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    codes = torch.tensor([[1.0, 0.0, 0.5], [0.0, -2.0, 0.0]])
+    # reconstructions (1.5, 0.5) and (0, -2): squared errors 0.25 + 2.25 and 0 + 1
+    expected = torch.tensor([0.5 * 2.5 + 0.1 * 1.5, 0.5 * 1.0 + 0.1 * 2.0])
+    assert torch.allclose(ae.lasso_objective(x, dictionary, codes, 0.1), expected)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_ista_reaches_the_lasso_optimality_conditions():
+    g = gen(1)
+    dictionary = torch.randn(8, 12, generator=g, dtype=torch.float64)
+    x = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    lam = 0.3
+    h = ae.ista(x, dictionary, lam, steps=3000)
+    assert h.shape == (5, 12) and h.dtype == torch.float64
+    # KKT: D_j^T (x - D h) = lam sign(h_j) where h_j != 0, |D_j^T (x - D h)| <= lam where h_j = 0
+    correlation = (x - h @ dictionary.T) @ dictionary
+    active = h != 0
+    assert 0 < active.sum() < h.numel()                   # sparse, but not all zero
+    assert torch.allclose(correlation[active], lam * h[active].sign(), atol=1e-6)
+    assert correlation[~active].abs().max() <= lam + 1e-6
+    # warm start from the optimum stays there
+    assert torch.allclose(ae.ista(x, dictionary, lam, steps=5, codes=h), h, atol=1e-8)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_fista_beats_ista_after_a_few_steps():
+    g = gen(2)
+    dictionary = torch.randn(10, 20, generator=g)
+    x = torch.randn(32, 10, generator=g)
+    lam = 0.2
+    objective = {fista: ae.lasso_objective(x, dictionary, ae.ista(x, dictionary, lam, steps=20, fista=fista),
+                                           lam).mean() for fista in (False, True)}
+    assert objective[True] < objective[False]
+    start = ae.lasso_objective(x, dictionary, torch.zeros(32, 20), lam).mean()
+    assert objective[False] < start
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_ista_with_an_orthonormal_dictionary_is_one_soft_threshold():
+    # D^T D = I: the Lasso splits per coordinate and its solution is S_lam(D^T x)
+    q, _ = torch.linalg.qr(torch.randn(9, 9, generator=gen(3), dtype=torch.float64))
+    dictionary = q[:, :6]
+    x = torch.randn(7, 9, generator=gen(4), dtype=torch.float64)
+    expected = ae.soft_threshold(x @ dictionary, 0.4)
+    assert torch.allclose(ae.ista(x, dictionary, 0.4, steps=1, fista=False), expected, atol=1e-12)
+    assert torch.allclose(ae.ista(x, dictionary, 0.4, steps=30), expected, atol=1e-12)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_update_dictionary_recovers_a_planted_dictionary():
+    x, true, codes = planted_sparse_data()
+    learned = ae.update_dictionary(x, codes)
+    assert learned.shape == true.shape and learned.dtype == x.dtype
+    assert torch.allclose(learned.norm(dim=0), torch.ones(8), atol=1e-5)
+    assert best_cosines(true, learned).min() > 0.99
+    # the same up to a permutation and signs of the codes
+    perm, signs = torch.tensor([3, 0, 7, 1, 6, 2, 5, 4]), torch.tensor([1, -1, 1, 1, -1, 1, -1, 1.0])
+    assert best_cosines(true, ae.update_dictionary(x, codes[:, perm] * signs)).min() > 0.99
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_update_dictionary_reinitializes_unused_atoms_from_data():
+    x, _, codes = planted_sparse_data(dtype=torch.float64)
+    codes[:, 2] = 0                                       # atom 2 is used by nobody
+    learned = ae.update_dictionary(x, codes, generator=gen(5))
+    assert torch.allclose(learned.norm(dim=0), torch.ones(8, dtype=torch.float64))
+    rows = x / x.norm(dim=1, keepdim=True)
+    assert (rows @ learned[:, 2]).max() > 1 - 1e-12      # a normalized data row
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_learn_dictionary_lowers_the_objective_and_finds_the_atoms():
+    x, true, _ = planted_sparse_data()
+    learned, history = ae.learn_dictionary(x, 8, 0.05, iterations=100, ista_steps=50, generator=gen(1))
+    assert learned.shape == (16, 8) and len(history) == 100
+    assert torch.allclose(learned.norm(dim=0), torch.ones(8), atol=1e-5)
+    assert history[-1] < 0.75 * history[0]
+    bump = 1e-3 * history[0]
+    ups = sum(later > earlier + bump for earlier, later in zip(history, history[1:], strict=False))
+    assert ups <= 5                                        # it goes down, up to rounding-size bumps
+    assert best_cosines(true, learned).min() > 0.95
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_sparse_coding_keeps_dtype_and_device(device):
+    x, _, _ = planted_sparse_data(d=6, k=4, n=40, dtype=torch.float64)
+    x = x.to(device)
+    learned, history = ae.learn_dictionary(x, 4, 0.05, iterations=3, ista_steps=10)
+    assert learned.dtype == torch.float64 and learned.device.type == device and len(history) == 3
+    codes = ae.ista(x, learned, 0.05, steps=10)
+    assert codes.dtype == torch.float64 and codes.device.type == device
+    assert ae.lasso_objective(x, learned, codes, 0.05).shape == (40,)

@@ -162,3 +162,24 @@ def test_batch_loader_binarizes_each_batch(test_only_root):
     loader = BatchLoader.from_dataset(ds, batch_size=64, shuffle=False)
     a, b = next(iter(loader))[0], next(iter(loader))[0]
     assert set(a.unique().tolist()) == {0.0, 1.0} and not torch.equal(a, b)
+
+
+def test_a_failed_download_names_its_own_split_with_one_clear_error(tmp_path, monkeypatch):
+    import torchvision
+
+    from course_utils.data import MNIST, MNISTNotFoundError
+
+    asked = []
+
+    def offline(self):
+        asked.extend(name for name, _ in self.resources)
+        raise RuntimeError("Error downloading " + self.resources[0][0])
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
+    with pytest.raises(MNISTNotFoundError) as info:
+        MNIST(tmp_path, train=False, download=True)
+    assert asked == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    text = str(info.value)
+    assert "t10k-images" in text and "train-images" not in text
+    assert "no internet connection?" in text
+    assert info.value.__cause__ is None and info.value.__suppress_context__

@@ -26,3 +26,13 @@ def test_registering_first_neither_hides_the_builtins_nor_is_overridden(clean_re
     specs = registry.available()
     assert {"classifier", "ae", "dae", "my-model"} <= set(specs)
     assert registry.get("vae") is mine
+
+
+def test_a_time_limit_does_not_hide_the_checkpoint_from_the_notebook(monkeypatch):
+    # `course train vae --max-seconds 300` must write the checkpoint notebook 03 loads
+    from course_utils import checkpoints, vae
+
+    monkeypatch.setenv("COURSE_TEST_SPLIT", "1")
+    limited = registry.training_config("vae", "classroom", 0, max_seconds=300)
+    assert limited == vae.course_train_config("classroom")
+    assert checkpoints.config_hash(limited) == checkpoints.config_hash(vae.course_train_config("classroom"))
