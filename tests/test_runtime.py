@@ -81,3 +81,35 @@ def test_local_seed_repeats_inside_and_restores_outside():
         again = torch.rand(3)
     assert torch.equal(first, again)
     assert torch.equal(torch.rand(3), expected_next), "the caller's random state was disturbed"
+
+
+def test_threads_are_the_cores_other_programs_leave_free(monkeypatch):
+    from course_utils.runtime import choose_threads
+
+    monkeypatch.delenv("COURSE_THREADS", raising=False)
+    assert choose_threads(cores=2, load=0.2) == 2      # quiet: every core
+    assert choose_threads(cores=2, load=1.1) == 1      # one core busy: one thread (2x faster there)
+    assert choose_threads(cores=2, load=7.0) == 1      # never fewer than one
+    assert choose_threads(cores=16, load=3.4) == 13
+    monkeypatch.setenv("COURSE_THREADS", "3")
+    assert choose_threads(cores=2, load=5.0) == 3      # the override wins
+    monkeypatch.setenv("COURSE_THREADS", "many")
+    with pytest.raises(CourseError, match="COURSE_THREADS"):
+        choose_threads()
+
+
+def test_configure_threads_respects_a_hand_set_omp_num_threads(monkeypatch):
+    import torch
+
+    from course_utils import runtime
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        monkeypatch.delenv("COURSE_THREADS", raising=False)
+        torch.set_num_threads(2)
+        assert runtime.configure_threads() == 2
+        monkeypatch.setenv("COURSE_THREADS", "1")
+        assert runtime.configure_threads() == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
