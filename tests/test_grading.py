@@ -274,3 +274,25 @@ def test_checking_wraps_stubs_and_crashes(capsys):
         with checking("demo"):
             raise ValueError("bad")
     assert capsys.readouterr().out == ""
+
+
+def test_the_student_process_gets_set_up_cells_only():
+    from course_utils.exercises import parse_solution
+    from course_utils.grading import task_plan
+
+    nb = read_notebook(REPO / "solutions" / "01_autoencoders.ipynb")
+    tasks = parse_solution(nb)
+    last = tasks["anomaly_scores"].cell
+    between = [i for i, c in enumerate(nb.cells) if tasks["corruption"].cell < i < last
+               and c.cell_type == "code" and not c.metadata.get("course")]
+    assert between, "the notebook has a plain code cell between its tasks"
+    plan = task_plan(nb, tasks, "anomaly_scores")
+    assert nb.cells[between[0]].source not in plan["student_setup"]  # not marked: trusted side only
+    nb.cells[between[0]].metadata["course"] = {"setup": True}       # marked: the students' too
+    plan = task_plan(nb, tasks, "anomaly_scores")
+    sources = plan["student_setup"]
+    assert nb.cells[between[0]].source in sources
+    assert all("BEGIN SOLUTION" not in s and "BEGIN HIDDEN" not in s for s in sources)
+    assert [c["role"] for c in plan["cells"]].count("reference") == 1
+    assert plan["names"] == ["anomaly_scores"]
+    assert plan["cells"][0]["source"] == sources[0]  # the shared prefix comes first on both sides
