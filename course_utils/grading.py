@@ -37,6 +37,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,7 +72,7 @@ from .exercises import (
     read_notebook,
     source_hash,
 )
-from .grading_trusted import DIED, defined_names
+from .grading_trusted import DIED, _fmt, defined_names
 from .runtime import CourseError
 from .wire import inherit
 
@@ -156,10 +157,6 @@ class Submission:
     student: str | None = None
     solution_path: str | Path | None = None
     tasks: list[str] | None = None
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.2f}".rstrip("0").rstrip(".")
 
 
 def format_report(grade: NotebookGrade) -> str:
@@ -401,7 +398,7 @@ class _ForkServer:
         with contextlib.suppress(OSError):
             self.socket.close()
         _kill_group(self.process)
-        _remove(self.folder)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class _ForkServers:
@@ -517,16 +514,16 @@ def _run_job(job: _Job, limits: GradingLimits, cpu_share: int,
             _kill_group(trusted)
         if box is not None:
             box.close()
-    outcomes, notes = _read_results(results_path)
+    outcomes = _read_results(results_path)
     log_path = Path(workdir) / "trusted.log"
     trusted_log = log_path.read_bytes()[-4000:].decode("utf-8", "replace") if log_path.is_file() else ""
-    _remove(workdir)
+    shutil.rmtree(workdir, ignore_errors=True)
     broken = box.limit_exceeded() if box is not None else None
     failed_start = box.startup_failure() if box is not None else None
     if failed_start:  # not the student's doing: say so in every test's place
         outcomes = {i: f"the grader could not start the sandbox ({failed_start}); tell your instructor"
                     for i, c in enumerate(plan["cells"]) if c["role"] in ("check", "hidden")}
-    return _score(job.grade, plan, outcomes, notes, expired or _trusted_failure(trusted_log), limit,
+    return _score(job.grade, plan, outcomes, expired or _trusted_failure(trusted_log), limit,
                   broken, time.monotonic() - start)
 
 
@@ -545,7 +542,7 @@ def _start_student(job: _Job, limits: GradingLimits, cpu_share: int, fds: tuple[
         name=f"course-grade-{os.getpid()}-{job.number}")
 
 
-def _score(grade: TaskGrade, plan: dict, outcomes: dict, notes: list[str], missing: str, limit: str,
+def _score(grade: TaskGrade, plan: dict, outcomes: dict, missing: str, limit: str,
            broken: str | None, seconds: float) -> TaskGrade:
     """The task's points from its test cells' outcomes; one line per reason for what was lost.
 
@@ -569,7 +566,7 @@ def _score(grade: TaskGrade, plan: dict, outcomes: dict, notes: list[str], missi
     grade.passed, grade.total = passed, len(tests)
     grade.points = round(grade.max_points * passed / len(tests), 2) if tests else 0.0
     labels = [plan["cells"][i]["label"] for i in tests]
-    grade.feedback += notes + _group_reasons(labels, [outcomes[i] for i in tests])
+    grade.feedback += _group_reasons(labels, [outcomes[i] for i in tests])
     grade.seconds = round(seconds, 2)
     return grade
 
@@ -591,28 +588,20 @@ def _kill_group(process: subprocess.Popen) -> None:
         process.wait(timeout=10)
 
 
-def _remove(folder: str) -> None:
-    import shutil
-
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-def _read_results(path: Path) -> tuple[dict[int, str | None], list[str]]:
+def _read_results(path: Path) -> dict[int, str | None]:
+    """The evaluator's verdict for each test cell it reached: None (passed) or the reason."""
     outcomes: dict[int, str | None] = {}
-    notes: list[str] = []
     with contextlib.suppress(OSError):
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 item = json.loads(line)
             except ValueError:
                 continue
-            if "note" in item:
-                notes.append(str(item["note"]))
-            elif isinstance(item.get("index"), int):
+            if isinstance(item, dict) and isinstance(item.get("index"), int):
                 outcome = item.get("outcome")
                 outcomes.setdefault(item["index"], outcome if isinstance(outcome, str) or outcome is None
                                     else str(outcome))
-    return outcomes, notes
+    return outcomes
 
 
 def _trusted_failure(log: str) -> str:
@@ -835,9 +824,6 @@ def collect_submissions(paths_or_dirs) -> list[Submission]:
         if len(origins[sub.student]) > 1:
             sub.student = f"{sub.student} ({origin})"
     return [sub for sub, _ in found]
-
-
-_collect = collect_submissions
 
 
 CSV_COLUMNS = ("student", "notebook", "task", "points", "max_points", "feedback")

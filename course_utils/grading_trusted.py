@@ -291,10 +291,6 @@ class Evaluator:
         for index in self.tests:
             self.record(index, reason)
 
-    def note(self, text: str) -> None:
-        self.results.write(json.dumps({"note": text}) + "\n")
-        self.results.flush()
-
     def run_trusted(self, source: str):
         """Run a cell of the reference notebook or a test cell here; the exception, if any."""
         result = self.shell.run_cell(source, store_history=False, silent=False)

@@ -238,10 +238,6 @@ class Sandbox:
             if len(self.output) > 2 * keep:
                 del self.output[:-keep]
 
-    def tail(self, lines: int = 5) -> str:
-        text = bytes(self.output[-self.limits.output_bytes:]).decode("utf-8", "replace")
-        return " / ".join(text.strip().splitlines()[-lines:])
-
     def pids(self) -> list[int]:
         """The sandbox's processes as this machine numbers them (Linux: by walking /proc)."""
         if self.cgroups:
