@@ -304,7 +304,8 @@ def decode_latent_point(decoder, z) -> torch.Tensor:
     return image.reshape(-1, *image.shape[-2:])[0].float().cpu()
 
 
-def latent_explorer_figure(decoder, z, codes=None, labels=None, z_range=None):
+def latent_explorer_figure(decoder, z, codes=None, labels=None, z_range=None,
+                           scatter_title: str = "codes h = f(x) of test digits"):
     """The explorer's picture for one point ``z``: the code scatter with a cross, and g(z).
 
     A plain function (no widget), so it can be tested and used in static notebooks.
@@ -320,7 +321,7 @@ def latent_explorer_figure(decoder, z, codes=None, labels=None, z_range=None):
     else:
         fig, (ax_map, ax_img) = plt.subplots(1, 2, figsize=(8, 3.6),
                                              gridspec_kw={"width_ratios": [1.5, 1]})
-        latent_scatter(codes, labels, title="codes h = f(x) of test digits", ax=ax_map,
+        latent_scatter(codes, labels, title=scatter_title, ax=ax_map,
                        point_size=4)
         ax_map.plot([z[0]], [z[1]], marker="x", color="black", markersize=12, mew=3)
         ax_map.set(xlabel="$h_1$", ylabel="$h_2$")
@@ -351,13 +352,15 @@ def figure_png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def latent_explorer(decoder, z_range=(-3.0, 3.0), codes=None, labels=None, steps: int = 60):
+def latent_explorer(decoder, z_range=(-3.0, 3.0), codes=None, labels=None, steps: int = 60,
+                    scatter_title: str = "codes h = f(x) of test digits"):
     """An ipywidgets explorer of a 2-D latent space: two sliders pick z, the figure shows g(z).
 
     ``z_range`` is ``(lo, hi)`` for both axes or ``((lo1, hi1), (lo2, hi2))``. With
     ``codes`` (N x 2, e.g. the test codes) and ``labels`` the scatter is drawn beside the
     digit, with the chosen point marked. Returns a ``VBox``; its ``.sliders`` and
-    ``.image`` attributes give access to the parts (``.update()`` redraws).
+    ``.image`` attributes give access to the parts (``.update()`` redraws), and
+    ``.snapshot()`` gives the starting picture as PNG bytes.
     """
     import ipywidgets as widgets
 
@@ -371,13 +374,16 @@ def latent_explorer(decoder, z_range=(-3.0, 3.0), codes=None, labels=None, steps
 
     def update(*_):
         z = (s1.value, s2.value)
-        image.value = figure_png(latent_explorer_figure(decoder, z, codes, labels, z_range))
+        image.value = figure_png(latent_explorer_figure(decoder, z, codes, labels, z_range,
+                                                        scatter_title))
 
     s1.observe(update, names="value")
     s2.observe(update, names="value")
     update()
     box = widgets.VBox([widgets.HBox([s1, s2]), image])
     box.sliders, box.image, box.update = (s1, s2), image, update
+    starting_picture = image.value
+    box.snapshot = lambda: starting_picture  # PNG, for readers without a kernel
     return box
 
 

@@ -30,14 +30,22 @@ import torch
 from .exercises import NOT_IMPLEMENTED, STUB_COMMENT
 
 __all__ = [
-    "checking", "expect_close", "expect_dtype", "expect_equal", "expect_shape", "expect_true",
+    "CheckFailed", "checking", "expect_close", "expect_dtype", "expect_equal", "expect_shape", "expect_true",
     "expect_type", "with_gradients",
 ]
 
 
+class CheckFailed(AssertionError):
+    """A check that did not pass. Jupyter shows its message alone, not a traceback through the
+    course's code: the message already says what is wrong and what to do."""
+
+    def _render_traceback_(self) -> list[str]:  # IPython's hook for displaying an exception
+        return [f"\x1b[31m✗ {self}\x1b[0m"]
+
+
 def _fail(problem: str, hints: Iterable[str | None] = ()) -> None:
     hints = [h for h in hints if h]
-    raise AssertionError(problem + (f" Hint: {' / '.join(hints)}" if hints else ""))
+    raise CheckFailed(problem + (f" Hint: {' / '.join(hints)}" if hints else ""))
 
 
 def _kind(value) -> str:
@@ -226,7 +234,7 @@ def checking(task: str):
     try:
         yield
     except NotImplementedError:
-        raise AssertionError(
+        raise CheckFailed(
             f"{task}: {NOT_IMPLEMENTED}. Write your code where it says `{STUB_COMMENT}`, "
             "delete the `raise NotImplementedError(...)` line, run that cell, then this one."
         ) from None

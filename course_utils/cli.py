@@ -1,4 +1,4 @@
-"""The ``course`` command: check, data, exercises, grade, train.
+"""The ``course`` command: check, data, exercises, grade, lab, train.
 
 User mistakes (an unknown model, a missing data root, a bad budget name) end
 in one line starting with ``error:`` and exit status 2, never a traceback.
@@ -155,6 +155,83 @@ def cmd_grade(args) -> int:
     return 0
 
 
+# -- course lab --------------------------------------------------------------------
+FIRST_NOTEBOOK = "notebooks/00_setup_and_tour.ipynb"
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _course_folder(folder: str | None) -> Path:
+    """The folder JupyterLab serves: --folder, else ./ when it has the notebooks, else the repo."""
+    from .exercises import default_solutions_dir
+
+    if folder:
+        chosen = Path(folder).expanduser().resolve()
+    elif (Path.cwd() / FIRST_NOTEBOOK).is_file():
+        chosen = Path.cwd()
+    else:
+        chosen = default_solutions_dir().parent
+    if not (chosen / FIRST_NOTEBOOK).is_file():
+        raise CourseError(f"no {FIRST_NOTEBOOK} in {chosen}: pass --folder, the course's checkout")
+    return chosen
+
+
+def lab_command(args) -> tuple[list[str], dict[str, str], str]:
+    """The JupyterLab command line, its environment, and the URL a browser should open."""
+    import secrets
+
+    from . import data
+    from .checkpoints import CHECKPOINT_ENV, checkpoint_dir
+
+    folder = _course_folder(args.folder)
+    budget_name = check_budget(args.budget) if args.budget else _default_budget()
+    port = args.port or _free_port(args.ip)
+    token = args.token or secrets.token_hex(16)
+    env = dict(os.environ)
+    env.pop("MPLBACKEND", None)  # a non-interactive backend (Agg, set for tests) would hide every figure
+    env[BUDGET_ENV] = budget_name
+    env[data.DATA_ENV] = str(data.data_root(args.root))
+    env[CHECKPOINT_ENV] = str(checkpoint_dir(args.checkpoint_dir))
+    if args.test_split:
+        env[data.TEST_SPLIT_ENV] = "1"
+    command = [sys.executable, "-m", "jupyter", "lab", f"--ServerApp.root_dir={folder}",
+               f"--ServerApp.ip={args.ip}", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+               f"--IdentityProvider.token={token}", f"--LabApp.default_url=/lab/tree/{FIRST_NOTEBOOK}"]
+    if not args.browser:
+        command.append("--no-browser")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        command.append("--allow-root")  # containers and Colab-like images run as root
+    url = f"http://{args.ip}:{port}/lab/tree/{FIRST_NOTEBOOK}?token={token}"
+    return command, env, url
+
+
+def cmd_lab(args) -> int:
+    import subprocess
+
+    from .checkpoints import CHECKPOINT_ENV
+
+    command, env, url = lab_command(args)
+    print(f"JupyterLab for the course (budget {env[BUDGET_ENV]}, data {env['COURSE_DATA_DIR']}, "
+          f"checkpoints {env[CHECKPOINT_ENV]})")
+    print(f"open: {url}", flush=True)
+    if args.print_command:
+        print(" ".join(command))
+        return 0
+    sys.stdout.flush()
+    if os.name == "posix":  # become JupyterLab, so that Ctrl-C and `kill` reach it directly
+        os.execve(command[0], command, env)
+    try:
+        return subprocess.call(command, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
 # -- course train ------------------------------------------------------------------
 def cmd_train(args) -> int:
     from . import data, registry
@@ -246,6 +323,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tasks graded at once (default: CPU count, at most 4)")
     p.add_argument("--task", action="append", help="grade only this task (repeatable)")
     p.set_defaults(func=cmd_grade)
+
+    p = sub.add_parser("lab", help="start JupyterLab at the first notebook, with the course's settings")
+    p.add_argument("--budget", help="smoke, classroom or full (default: $COURSE_BUDGET or by device)")
+    p.add_argument("--root", help="data root (default: $COURSE_DATA_DIR or the cache)")
+    p.add_argument("--checkpoint-dir", help="checkpoint cache (default: see course_utils.checkpoints)")
+    p.add_argument("--test-split", action="store_true",
+                   help="train on the first 8,000 MNIST test images, hold out the last 2,000")
+    p.add_argument("--folder", help="the course's checkout (default: ./ or the installed course)")
+    p.add_argument("--ip", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    p.add_argument("--token", help="access token (default: a random one, shown in the URL)")
+    p.add_argument("--browser", action="store_true", help="also open a web browser")
+    p.add_argument("--print-command", action="store_true",
+                   help="print the JupyterLab command and URL, start nothing")
+    p.set_defaults(func=cmd_lab)
 
     p = sub.add_parser("train", help="train a registered model; write its checkpoint and metrics.json")
     p.add_argument("model", help="a registered model, e.g. classifier")

@@ -365,7 +365,31 @@ def transposed_conv_explorer(input_size: int = 5, kernel_size: int = 3, stride: 
 
     out = widgets.interactive_output(show, sliders)
     controls = widgets.VBox(list(sliders.values()))
-    return widgets.VBox([controls, out])
+    box = widgets.VBox([controls, out])
+    start = {name: slider.value for name, slider in sliders.items()}
+    box.sliders, box.snapshot = sliders, lambda: explorer_snapshot(**start)
+    return box
+
+
+def explorer_snapshot(**values) -> bytes:
+    """What :func:`transposed_conv_explorer` shows for ``values``, as one PNG picture.
+
+    For readers without a running kernel (GitHub, nbviewer, a PDF): the notebook stores
+    the picture of the widget's starting state next to the widget.
+    """
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig = overlap_figure(**values)
+    fig.set_size_inches(9, 4.6)
+    fig.text(0.01, 0.01, describe_transposed_conv(**values), family="monospace", fontsize=8,
+             va="bottom")
+    fig.subplots_adjust(bottom=0.33, top=0.85)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=72)
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 # -- the alternative to transposed convolutions ------------------------------------------

@@ -116,3 +116,37 @@ def test_train_writes_checkpoint_and_metrics(model, tmp_path, data_dir):
     sidecars = list((tmp_path / "ckpt").glob(f"{model}-*.json"))
     assert len(checkpoints) == 1 and len(sidecars) == 1
     assert json.loads(sidecars[0].read_text())["metrics"]["budget"] == "smoke"
+
+
+def test_lab_command_opens_the_first_notebook_with_the_course_settings(tmp_path, repo):
+    result = course("lab", "--print-command", "--budget", "smoke", "--port", "8999", "--token", "t0k",
+                    "--folder", str(repo), "--checkpoint-dir", str(tmp_path / "ckpt"),
+                    env={"MPLBACKEND": "Agg"})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "open: http://127.0.0.1:8999/lab/tree/notebooks/00_setup_and_tour.ipynb?token=t0k" in out
+    assert "budget smoke" in out and str(tmp_path / "ckpt") in out
+    command = out.strip().splitlines()[-1]
+    assert "jupyter lab" in command and f"--ServerApp.root_dir={repo}" in command
+    assert "--IdentityProvider.token=t0k" in command and "--ServerApp.ip=127.0.0.1" in command
+    assert ("--allow-root" in command) == (os.geteuid() == 0)
+
+
+def test_lab_environment_shows_figures_and_uses_the_budget(tmp_path, repo, monkeypatch):
+    from argparse import Namespace
+
+    from course_utils.cli import lab_command
+
+    args = Namespace(folder=str(repo), budget="smoke", port=8999, token="t", ip="127.0.0.1",
+                     root=str(tmp_path), checkpoint_dir=str(tmp_path / "c"), test_split=True,
+                     browser=False)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    _, env, _ = lab_command(args)
+    assert "MPLBACKEND" not in env  # Agg would hide every figure in the notebooks
+    assert env["COURSE_BUDGET"] == "smoke" and env["COURSE_TEST_SPLIT"] == "1"
+    assert env["COURSE_DATA_DIR"] == str(tmp_path.resolve())
+
+
+def test_lab_without_the_notebooks_is_one_line(tmp_path):
+    assert_one_line_error(course("lab", "--print-command", "--folder", str(tmp_path)),
+                          "no notebooks/00_setup_and_tour.ipynb")

@@ -296,3 +296,14 @@ def test_the_student_process_gets_set_up_cells_only():
     assert [c["role"] for c in plan["cells"]].count("reference") == 1
     assert plan["names"] == ["anomaly_scores"]
     assert plan["cells"][0]["source"] == sources[0]  # the shared prefix comes first on both sides
+
+
+def test_a_failed_check_shows_its_message_without_a_traceback():
+    from course_utils.checks import CheckFailed, expect_close
+
+    with pytest.raises(CheckFailed) as info:
+        expect_close(torch.zeros(3), torch.ones(3), "mean")
+    shown = "".join(info.value._render_traceback_())  # what Jupyter displays
+    assert "✗ mean has the right shape (3,) but wrong values" in shown
+    assert "Traceback" not in shown and "checks.py" not in shown
+    assert isinstance(info.value, AssertionError)  # graders and tests still catch it as one
