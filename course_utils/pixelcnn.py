@@ -536,9 +536,187 @@ def mu_law_decode(classes: torch.Tensor, levels: int = 256) -> torch.Tensor:
     return torch.sign(companded) * ((1 + mu) ** companded.abs() - 1) / mu
 
 
+
+
+# --------------------------------------------------------------------------------------
+# 7. The models behind `course train made / pixelcnn / gated-pixelcnn`
+# --------------------------------------------------------------------------------------
+VARIANTS = ("made", "pixelcnn", "gated-pixelcnn")
+
+
+def pixelcnn_config(budget_name: str | None = None, variant: str = "gated-pixelcnn") -> dict:
+    """The autoregressive model ``course train VARIANT`` trains, sized for a budget (JSON-able).
+
+    Binarized MNIST with dynamic binarization for training (a fresh draw of the bits at every
+    epoch, like the VAE), and the held-out NLL on the VAE's fixed, seeded binarization of the
+    held-out digits, so the numbers of topics 3 and 5 compare. One logit per binary pixel.
+    Sized for a 2-core CPU in ``classroom``: few channels at 28x28, where every layer costs.
+    """
+    from .runtime import by_budget
+
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
+    cfg = by_budget(
+        budget_name,
+        channels=(8, 32, 96),
+        layers=(2, 7, 12),
+        made_hidden=([128], [512, 512], [1024, 1024]),
+        epochs=(1, 60, 200),
+        train_images=(1_000, None, None),
+        time_limit=(20, 330, 3600),
+        eval_images=(100, 2_000, None),
+        samples=(8, 64, 1_000),
+    )
+    return {
+        "model": variant, "channels": cfg.channels, "layers": cfg.layers, "kernel_size": 7,
+        "layer_kernel_size": 3, "made_hidden": cfg.made_hidden, "levels": 2,
+        "batch_size": 64, "lr": 2e-3 if variant != "made" else 1e-3, "lr_warmup": 0.02,
+        "final_lr_factor": 0.02, "epochs": cfg.epochs, "time_limit": cfg.time_limit,
+        "train_images": cfg.train_images, "binarize": "dynamic", "eval_binarize_seed": 0,
+        "eval_images": cfg.eval_images, "samples": cfg.samples, "budget": cfg.budget,
+    }
+
+
+def made_config(budget_name: str | None = None) -> dict:
+    return pixelcnn_config(budget_name, "made")
+
+
+def plain_pixelcnn_config(budget_name: str | None = None) -> dict:
+    return pixelcnn_config(budget_name, "pixelcnn")
+
+
+def gated_pixelcnn_config(budget_name: str | None = None) -> dict:
+    return pixelcnn_config(budget_name, "gated-pixelcnn")
+
+
+def course_train_config(budget_name: str | None = None, variant: str = "gated-pixelcnn",
+                        seed: int = 0, max_seconds: float | None = None) -> dict:
+    """The config exactly as ``course train VARIANT`` completes and caches it (see the VAE's)."""
+    from .checkpoints import training_config
+
+    return training_config(pixelcnn_config(budget_name, variant), budget_name, seed=seed,
+                           max_seconds=max_seconds)
+
+
+def build_pixelcnn(config: dict) -> nn.Module:
+    """A fresh model from a config, seeded by ``config['seed']``."""
+    from .runtime import local_seed
+
+    with local_seed(int(config.get("seed", 0))):
+        if config["model"] == "made":
+            return MADE(784, tuple(config["made_hidden"]), seed=int(config.get("seed", 0)))
+        if config["model"] == "pixelcnn":
+            return PixelCNN(config["channels"], config["layers"] - 1, config["kernel_size"],
+                            config["layer_kernel_size"], levels=config["levels"],
+                            num_classes=config.get("num_classes"))
+        return GatedPixelCNN(config["channels"], config["layers"], config["kernel_size"],
+                             config["layer_kernel_size"], levels=config["levels"],
+                             num_classes=config.get("num_classes"))
+
+
+def nll_loss(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
+    """``loss_fn`` for :func:`course_utils.training.fit`: the mean NLL in nats per image."""
+    x, y = batch
+    nll = -log_likelihood(model, x, y if getattr(model, "num_classes", None) else None)
+    return nll.mean(), {"bits_per_dim": bits_per_dim(nll.mean().detach(), x[0].numel())}
+
+
+def train_pixelcnn(model: nn.Module, config: dict, device=None, max_seconds: float | None = None,
+                   images=None, labels=None, **fit_kwargs) -> dict:
+    """Train with the config's recipe (Adam, warm-up and cosine decay following step and clock)."""
+    from .data import BatchLoader, as_tensors, describe, mnist
+    from .runtime import get_device
+    from .training import fit
+    from .vae import Progress, lr_factor
+
+    device = torch.device(device) if device is not None else get_device()
+    description = "given tensors"
+    if images is None:
+        train_set = mnist("train")
+        images, labels = as_tensors(train_set, device, limit=config.get("train_images"))
+        description = describe(train_set)
+    if labels is None:
+        labels = torch.zeros(len(images), dtype=torch.long)
+    loader = BatchLoader(images.to(device), labels.to(device), batch_size=config["batch_size"],
+                         shuffle=True, binarize=True, seed=config.get("seed", 0))
+    limit = max_seconds if max_seconds is not None else config.get("time_limit")
+    progress = Progress(config["epochs"] * len(loader), limit)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda _: lr_factor(progress(), config["lr_warmup"], config["final_lr_factor"]))
+    user_on_step = fit_kwargs.pop("on_step", None)
+
+    def on_step(step, value):
+        progress.step = step
+        if user_on_step is not None:
+            user_on_step(step, value)
+
+    fit_kwargs.setdefault("desc", config["model"])
+    result = fit(model, nll_loss, loader, optimizer=optimizer, scheduler=scheduler,
+                 epochs=config["epochs"], max_seconds=limit, device=device, on_step=on_step,
+                 clip_grad_norm=100.0, **fit_kwargs)
+    model.history = result.history
+    tail = result.history.losses[-max(1, len(loader)):]
+    return {"train_steps": result.step, "train_epochs": round(result.step / len(loader), 2),
+            "train_nll_last_epoch": round(sum(tail) / len(tail), 2),
+            "train_seconds_fit": round(result.history.seconds, 1),
+            "stopped_by": result.history.stopped_by, "train_data": description}
+
+
+@torch.no_grad()
+def held_out_nll(model: nn.Module, images: torch.Tensor, labels=None, batch_size: int = 500) -> float:
+    """The mean exact NLL in nats per image over ``images`` (binary)."""
+    total = 0.0
+    model.eval()
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size]
+        y = labels[start:start + batch_size] if labels is not None else None
+        total += float(-log_likelihood(model, x, y).sum())
+    return total / len(images)
+
+
+def evaluate_pixelcnn(model: nn.Module, config: dict, device=None, classifier=None) -> dict:
+    """Held-out NLL (nats, and bits/dim) on the VAE's fixed binarization; samples: quality, time.
+
+    ``sample_seconds_64`` times 64 digits drawn with row cropping on this machine.
+    """
+    import time
+
+    from .data import as_tensors, describe, mnist
+    from .metrics import load_feature_net, sample_quality
+    from .runtime import get_device
+
+    device = torch.device(device) if device is not None else get_device()
+    model.to(device).eval()
+    test_set = mnist("test", binarize="fixed", binarize_seed=config.get("eval_binarize_seed", 0))
+    images, labels = as_tensors(test_set, device, limit=config.get("eval_images"))
+    nll = held_out_nll(model, images)
+    n = config.get("samples", 64)
+    generator = torch.Generator().manual_seed(config.get("seed", 0))
+    start = time.perf_counter()
+    samples = sample(model, n, generator=generator)
+    seconds = time.perf_counter() - start
+    classifier = classifier or load_feature_net(device=device)
+    grey, _ = as_tensors(mnist("test"), device, limit=config.get("eval_images"))
+    quality = sample_quality(classifier, samples, grey, kid_subset_size=min(n, len(grey), 1000))
+    return {
+        "test_nll": round(nll, 2), "test_bits_per_dim": round(bits_per_dim(nll, 784), 4),
+        "test_images": len(images),
+        "test_data": (describe(test_set) + ", fixed binarization "
+                      f"(seed {config.get('eval_binarize_seed', 0)})"),
+        "samples": n, "sample_seconds": round(seconds, 2),
+        "sample_seconds_64": round(seconds * 64 / n, 2),
+        "confident_fraction": round(quality["confident_fraction"], 4),
+        "class_entropy": round(quality["class_entropy"], 4),
+        "fid": round(quality["fid"], 2), "kid": round(quality["kid"], 4),
+    }
+
+
 __all__ = [
-    "MADE", "CausalConv1d", "GatedLayer", "GatedPixelCNN", "MaskedConv2d", "MaskedLinear",
-    "PixelCNN", "WaveNet", "bits_per_dim", "causal_mask", "complete", "dependency_map",
-    "dequantize", "future_mask", "log_likelihood", "made_masks", "mu_law_decode",
-    "mu_law_encode", "nats_per_image", "quantize", "receptive_field", "sample",
+    "MADE", "VARIANTS", "CausalConv1d", "GatedLayer", "GatedPixelCNN", "MaskedConv2d",
+    "MaskedLinear", "PixelCNN", "WaveNet", "bits_per_dim", "build_pixelcnn", "causal_mask",
+    "complete", "course_train_config", "dependency_map", "dequantize", "evaluate_pixelcnn",
+    "future_mask", "held_out_nll", "log_likelihood", "made_masks", "mu_law_decode",
+    "mu_law_encode", "nats_per_image", "nll_loss", "pixelcnn_config", "quantize",
+    "receptive_field", "sample", "train_pixelcnn",
 ]

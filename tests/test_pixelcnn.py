@@ -205,3 +205,19 @@ def test_mu_law_round_trip():
     assert (back - x).abs().max() < 0.03
     small = x.abs() < 0.01                      # finer steps near zero: the point of the mu-law
     assert (back - x)[small].abs().max() < 0.001
+
+
+@pytest.mark.parametrize("variant", ar.VARIANTS)
+def test_training_lowers_the_held_out_nll(variant):
+    torch.manual_seed(0)
+    config = dict(ar.pixelcnn_config("smoke", variant), epochs=10, time_limit=None, seed=0, lr=5e-3)
+    model = ar.build_pixelcnn(config)
+    # a toy data set with structure to learn: vertical bars at random columns
+    images = torch.zeros(256, 1, 28, 28)
+    images[torch.arange(256), 0, :, torch.randint(0, 28, (256,))] = 1.0
+    before = ar.held_out_nll(model, images[:64])
+    info = ar.train_pixelcnn(model, config, "cpu", images=images, progress=False, live_plot=False)
+    after = ar.held_out_nll(model, images[:64])
+    assert info["train_steps"] == 10 * 4
+    assert after < 0.5 * before, (before, after)
+    assert ar.build_pixelcnn(config).state_dict().keys() == model.state_dict().keys()
