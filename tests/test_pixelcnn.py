@@ -133,12 +133,12 @@ def test_grey_level_likelihood_sums_to_one():
 def test_sampling_repeats_with_a_seed_and_cropping_changes_nothing():
     torch.manual_seed(0)
     model = ar.GatedPixelCNN(channels=8, num_layers=3, kernel_size=3)
-    draw = lambda crop: ar.sample(model, 4, (1, 6, 6), generator=torch.Generator().manual_seed(5),  # noqa: E731
+    draw = lambda crop: ar.sample(model, 4, (1, 10, 5), generator=torch.Generator().manual_seed(5),  # noqa: E731
                                   crop_rows=crop)
     a, b, c = draw(True), draw(True), draw(False)
     assert torch.equal(a, b) and torch.equal(a, c)
-    assert set(a.unique().tolist()) <= {0.0, 1.0} and a.shape == (4, 1, 6, 6)
-    other = ar.sample(model, 4, (1, 6, 6), generator=torch.Generator().manual_seed(6))
+    assert set(a.unique().tolist()) <= {0.0, 1.0} and a.shape == (4, 1, 10, 5)
+    other = ar.sample(model, 4, (1, 10, 5), generator=torch.Generator().manual_seed(6))
     assert not torch.equal(a, other)
 
 
@@ -221,3 +221,13 @@ def test_training_lowers_the_held_out_nll(variant):
     assert info["train_steps"] == 10 * 4
     assert after < 0.5 * before, (before, after)
     assert ar.build_pixelcnn(config).state_dict().keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize("model", [ar.PixelCNN(channels=4, num_blocks=3, kernel_size=5),
+                                   ar.GatedPixelCNN(channels=4, num_layers=3, kernel_size=5)])
+def test_rows_above_is_the_exact_reach_of_the_receptive_field(model):
+    torch.manual_seed(0)
+    row = 15
+    seen = ar.dependency_map(model, (1, 20, 20), (row, 10))
+    seen_rows = seen.sum(1).nonzero().flatten()
+    assert seen_rows.min().item() == row - model.rows_above
