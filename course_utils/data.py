@@ -307,6 +307,24 @@ def as_tensors(dataset, device="cpu", limit: int | None = None):
     return images.to(device), labels.to(device)
 
 
+def training_tensors(device="cpu", limit: int | None = None, images=None, labels=None):
+    """What a registered model trains on: ``(images, labels, description)``.
+
+    ``mnist("train")`` (the first ``limit`` images) unless ``images`` are given; labels of
+    zeros when none are given (an unconditional model never reads them).
+    """
+    description = "given tensors"
+    if images is None:
+        train_set = mnist("train")
+        images, labels = as_tensors(train_set, device, limit=limit)
+        description = describe(train_set)
+        if limit:
+            description += f" (the first {len(images):,} used)"
+    if labels is None:
+        labels = torch.zeros(len(images), dtype=torch.long)
+    return images, labels, description
+
+
 class BatchLoader:
     """Shuffled mini-batches from in-memory tensors, with dynamic binarization.
 

@@ -19,6 +19,16 @@ polynomial kernel ``k(x, y) = (x.y / d + 1)^3``, averaged over random subsets.
 Unlike FID it has no bias from the sample size, so it is fair to small samples;
 it can come out slightly negative when the two sets match.
 
+Precision and recall (Kynkäänniemi et al., 2019)
+------------------------------------------------
+FID mixes two failures: samples that look wrong (low *precision*) and parts
+of the data the model never produces (low *recall*). Estimate each set's
+support as a union of balls, one per point, of radius the distance to its
+k-th nearest neighbour in the same set; precision is the share of generated
+points inside the real support, recall the share of real points inside the
+generated support. ``memorisation_check`` compares how close samples come to
+the training images with how close unseen real images come.
+
 Classifier checks
 -----------------
 ``confident_fraction`` (does the classifier recognise the samples as digits?),
@@ -64,6 +74,10 @@ __all__ = [
     "classifier_score",
     "inception_score",
     "sample_quality",
+    "knn_radii",
+    "precision_recall",
+    "nearest_neighbours",
+    "memorisation_check",
 ]
 
 CHECKPOINT_NAME = "classifier"  # the name `course train classifier` caches it under
@@ -641,4 +655,116 @@ def sample_quality(classifier: nn.Module, images, reference_images=None, *,
         "class_entropy": _histogram_entropy(probs),
         "classifier_score": _score(probs),
         "n_images": len(features),
+    }
+
+
+# =====================================================================================
+# Precision / recall on k-NN manifolds, and a memorisation check
+# =====================================================================================
+def _pairwise_chunks(queries: torch.Tensor, reference: torch.Tensor, chunk: int):
+    for start in range(0, len(queries), chunk):
+        yield start, torch.cdist(queries[start:start + chunk], reference)
+
+
+def knn_radii(features, k: int = 3, chunk: int = 1024) -> torch.Tensor:
+    """Distance from each point to its k-th nearest *other* point of the same set, ``[N]`` (float64).
+
+    The point itself (distance 0) is not counted; duplicates are, so a point with
+    k copies elsewhere in the set has radius 0.
+    """
+    x = _features_2d(features, "knn_radii")
+    x = x.to(_float64_device(x.device), torch.float64)
+    if not 1 <= k < len(x):
+        raise ValueError(f"knn_radii: k must be between 1 and N - 1 = {len(x) - 1}, got {k}")
+    radii = torch.empty(len(x), dtype=torch.float64, device=x.device)
+    for start, distances in _pairwise_chunks(x, x, chunk):
+        # the k+1-th smallest includes the point itself at distance 0
+        radii[start:start + len(distances)] = distances.kthvalue(k + 1, dim=1).values
+    return radii
+
+
+def _share_inside(queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor,
+                  chunk: int) -> float:
+    inside = []
+    for _, distances in _pairwise_chunks(queries, centres, chunk):
+        inside.append((distances <= radii[None, :]).any(1))
+    return float(torch.cat(inside).double().mean())
+
+
+def precision_recall(real_features, fake_features, k: int = 3, chunk: int = 1024) -> tuple[float, float]:
+    r"""Improved precision and recall (Kynkäänniemi et al., 2019) of generated samples, in feature space.
+
+    Each set's manifold is a union of balls :math:`B(x, r_k(x))`, :math:`r_k(x)` the
+    distance from x to its k-th nearest neighbour in its own set (:func:`knn_radii`):
+
+    .. math::
+        \text{precision} = \frac1{M}\sum_{j} \mathbb 1\big[\exists i:\
+            \|\tilde x_j - x_i\| \le r_k(x_i)\big],
+        \qquad
+        \text{recall} = \frac1{N}\sum_{i} \mathbb 1\big[\exists j:\
+            \|x_i - \tilde x_j\| \le r_k(\tilde x_j)\big]
+
+    with real :math:`x_1..x_N` and generated :math:`\tilde x_1..\tilde x_M`.
+    Precision: how many samples look real (quality); recall: how much of the real
+    data the generator covers (diversity). Use the same k and similar set sizes
+    when comparing models; the paper uses k = 3. Returns ``(precision, recall)``.
+    """
+    real = _features_2d(real_features, "precision_recall")
+    fake = _features_2d(fake_features, "precision_recall")
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"precision_recall: feature sizes differ ({real.shape[1]} vs {fake.shape[1]})")
+    device = _float64_device(real.device)
+    real, fake = real.to(device, torch.float64), fake.to(device, torch.float64)
+    precision = _share_inside(fake, real, knn_radii(real, k, chunk), chunk)
+    recall = _share_inside(real, fake, knn_radii(fake, k, chunk), chunk)
+    return precision, recall
+
+
+def nearest_neighbours(queries, reference, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query, the Euclidean distance to its nearest reference and that reference's index.
+
+    Images are flattened (pixel space); feature vectors are used as they are.
+    Returns ``(distances [M], indices [M])``.
+    """
+    q = torch.as_tensor(queries).float().flatten(1)
+    r = torch.as_tensor(reference).float().flatten(1).to(q.device)
+    distances, indices = [], []
+    for _, d in _pairwise_chunks(q, r, chunk):
+        best = d.min(1)
+        distances.append(best.values)
+        indices.append(best.indices)
+    return torch.cat(distances), torch.cat(indices)
+
+
+def memorisation_check(samples, train, held_out, quantile: float = 0.01, chunk: int = 1024) -> dict:
+    """Does a generator copy its training images? Compare nearest-training-neighbour distances.
+
+    For each generated sample, the distance to its nearest training image; for
+    each held-out real image (never trained on), the same. A model that merely
+    memorised would put its samples much closer to the training set than unseen
+    digits come (a ratio of medians well below 1, many samples below the
+    held-out images' ``quantile``). Pixel space for images; pass features to
+    compare in a feature space instead.
+
+    Returns ``sample_to_train_median``, ``held_out_to_train_median``, ``ratio``
+    (of the two medians), ``held_out_quantile`` (the held-out distances'
+    ``quantile``), ``share_closer_than_quantile`` (of the samples; about
+    ``quantile`` for a generator that does not copy), ``n_samples``, ``n_held_out``
+    and ``nearest_train_index`` (per sample, for showing sample/neighbour pairs).
+    """
+    sample_distances, indices = nearest_neighbours(samples, train, chunk)
+    held_out_distances, _ = nearest_neighbours(held_out, train, chunk)
+    sample_median = float(sample_distances.median())
+    held_out_median = float(held_out_distances.median())
+    threshold = float(torch.quantile(held_out_distances.double(), quantile))
+    return {
+        "sample_to_train_median": sample_median,
+        "held_out_to_train_median": held_out_median,
+        "ratio": sample_median / held_out_median if held_out_median > 0 else float("inf"),
+        "held_out_quantile": threshold,
+        "share_closer_than_quantile": float((sample_distances.double() < threshold).double().mean()),
+        "quantile": quantile,
+        "n_samples": len(sample_distances),
+        "n_held_out": len(held_out_distances),
+        "nearest_train_index": indices,
     }

@@ -639,19 +639,13 @@ def nll_loss(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
 def train_pixelcnn(model: nn.Module, config: dict, device=None, max_seconds: float | None = None,
                    images=None, labels=None, **fit_kwargs) -> dict:
     """Train with the config's recipe (Adam, warm-up and cosine decay following step and clock)."""
-    from .data import BatchLoader, as_tensors, describe, mnist
+    from .data import BatchLoader, training_tensors
     from .runtime import get_device
     from .training import fit
     from .vae import Progress, lr_factor
 
     device = torch.device(device) if device is not None else get_device()
-    description = "given tensors"
-    if images is None:
-        train_set = mnist("train")
-        images, labels = as_tensors(train_set, device, limit=config.get("train_images"))
-        description = describe(train_set)
-    if labels is None:
-        labels = torch.zeros(len(images), dtype=torch.long)
+    images, labels, description = training_tensors(device, config.get("train_images"), images, labels)
     loader = BatchLoader(images.to(device), labels.to(device), batch_size=config["batch_size"],
                          shuffle=True, binarize=True, seed=config.get("seed", 0))
     limit = max_seconds if max_seconds is not None else config.get("time_limit")

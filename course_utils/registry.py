@@ -38,7 +38,7 @@ def register(spec: ModelSpec) -> ModelSpec:
 
 
 def _builtin_specs() -> list[ModelSpec]:
-    from . import autoencoders, metrics, vae
+    from . import autoencoders, gan, metrics, vae
 
     return [
         ModelSpec("classifier",
@@ -56,6 +56,20 @@ def _builtin_specs() -> list[ModelSpec]:
         ModelSpec("vae",
                   "conv VAE on binarized MNIST (test -ELBO and IWAE NLL in nats, prior-sample quality)",
                   vae.vae_config, vae.build_vae, vae.train_vae, vae.evaluate_vae),
+        ModelSpec("dcgan",
+                  "DCGAN, hinge loss, spectral norm in D, EMA generator (FID/KID, precision/recall "
+                  "vs the held-out digits, with the real-vs-real floor)",
+                  gan.dcgan_config, gan.build_gan, gan.train_gan, gan.evaluate_gan),
+        ModelSpec("wgan-gp",
+                  "WGAN-GP: Wasserstein critic with the gradient penalty, same generator and figures",
+                  gan.wgan_gp_config, gan.build_gan, gan.train_gan, gan.evaluate_gan),
+        ModelSpec("cgan",
+                  "class-conditional DCGAN (label embedding in G, projection D); also the "
+                  "classifier's agreement with the requested digit",
+                  gan.cgan_config, gan.build_gan, gan.train_gan, gan.evaluate_gan),
+        ModelSpec("infogan",
+                  "InfoGAN: DCGAN plus a 10-way categorical code; also how well code and digit match",
+                  gan.infogan_config, gan.build_gan, gan.train_gan, gan.evaluate_gan),
     ]
 
 

@@ -608,20 +608,12 @@ def train_vae(model, config: dict, device=None, max_seconds: float | None = None
     ``max_seconds`` (else the config's ``time_limit``) caps the wall-clock time; the
     schedule adapts so the learning rate has decayed when time is up.
     """
-    from .data import BatchLoader, as_tensors, describe, mnist
+    from .data import BatchLoader, training_tensors
     from .runtime import get_device
     from .training import fit
 
     device = torch.device(device) if device is not None else get_device()
-    description = "given tensors"
-    if images is None:
-        train_set = mnist("train")
-        images, labels = as_tensors(train_set, device, limit=config.get("train_images"))
-        description = describe(train_set)
-        if config.get("train_images"):
-            description += f" (the first {len(images):,} used)"
-    if labels is None:  # an unconditional model never reads them
-        labels = torch.zeros(len(images), dtype=torch.long)
+    images, labels, description = training_tensors(device, config.get("train_images"), images, labels)
     binarize = config.get("binarize", "dynamic") == "dynamic"  # BatchLoader draws the bits
     loader = BatchLoader(images.to(device), labels.to(device), batch_size=config["batch_size"],
                          shuffle=True, binarize=binarize, seed=config.get("seed", 0))

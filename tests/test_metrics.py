@@ -310,3 +310,68 @@ def test_load_feature_net_trains_and_caches_when_missing(tmp_path, monkeypatch, 
     assert len(list(tmp_path.glob("classifier-*.json"))) == 1
     again = metrics.load_feature_net("cpu", budget_name="smoke")  # remembered in-process
     assert again is not net and torch.equal(again.head[1].weight, net.head[1].weight)
+
+
+# -- precision / recall on k-NN manifolds, memorisation -----------------------------------
+def test_knn_radii_exclude_the_point_itself():
+    x = torch.tensor([[0.0], [1.0], [3.0], [3.0]])
+    assert metrics.knn_radii(x, k=1).tolist() == [1.0, 1.0, 0.0, 0.0]  # the duplicate counts
+    assert metrics.knn_radii(x, k=2).tolist() == [3.0, 2.0, 2.0, 2.0]
+    with pytest.raises(ValueError):
+        metrics.knn_radii(x, k=4)
+
+
+def test_precision_recall_identical_and_disjoint_sets():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(300, 8, generator=g)
+    assert metrics.precision_recall(real, real.clone(), k=3) == (1.0, 1.0)
+    far = torch.randn(200, 8, generator=g) + 100.0
+    assert metrics.precision_recall(real, far, k=3) == (0.0, 0.0)
+
+
+def test_precision_recall_of_a_collapsed_generator():
+    g = torch.Generator().manual_seed(1)
+    real = torch.randn(400, 5, generator=g)
+    collapsed = real[7].expand(100, 5).clone()  # every sample is the same real point
+    precision, recall = metrics.precision_recall(real, collapsed, k=3)
+    assert precision == 1.0  # each sample looks real...
+    assert recall == pytest.approx(1 / 400)  # ...but it covers one real point (its radius is 0)
+
+
+def test_precision_recall_hand_computed_1d_case():
+    real = torch.tensor([[0.0], [1.0], [3.0]])
+    fake = torch.tensor([[0.5], [0.7], [10.0]])
+    # k = 1. Real radii 1, 1, 2: balls [-1, 1], [0, 2], [1, 5] hold 0.5 and 0.7, not 10.
+    # Fake radii 0.2, 0.2, 9.3: balls [0.3, 0.7], [0.5, 0.9], [0.7, 19.3] hold 1 and 3, not 0.
+    # (the outlier at 10 gets a huge ball: recall is generous to outliers, a known weakness)
+    precision, recall = metrics.precision_recall(real, fake, k=1)
+    assert precision == pytest.approx(2 / 3) and recall == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        metrics.precision_recall(real, torch.zeros(3, 2), k=1)
+
+
+def test_precision_recall_tell_quality_from_coverage():
+    g = torch.Generator().manual_seed(2)
+    real = torch.randn(500, 2, generator=g)
+    half = real[real[:, 0] > 0][:200] + 0.01 * torch.randn(200, 2, generator=g)  # half the data
+    noisy = 5.0 * torch.randn(500, 2, generator=g)  # covers everything, mostly off the data
+    p_half, r_half = metrics.precision_recall(real, half)
+    p_noisy, r_noisy = metrics.precision_recall(real, noisy)
+    assert p_half > 0.9 and r_half < 0.7
+    assert p_noisy < 0.4 and r_noisy > 0.9
+
+
+def test_memorisation_check_spots_copies():
+    g = torch.Generator().manual_seed(3)
+    train = torch.rand(300, 1, 6, 6, generator=g)
+    held_out = torch.rand(100, 1, 6, 6, generator=g)
+    copies = train[:80] + 0.001 * torch.randn(80, 1, 6, 6, generator=g)
+    fresh = torch.rand(80, 1, 6, 6, generator=g)
+    copied = metrics.memorisation_check(copies, train, held_out)
+    honest = metrics.memorisation_check(fresh, train, held_out)
+    assert copied["ratio"] < 0.05 and copied["share_closer_than_quantile"] == 1.0
+    assert torch.equal(copied["nearest_train_index"], torch.arange(80))
+    assert 0.8 < honest["ratio"] < 1.25 and honest["share_closer_than_quantile"] < 0.1
+    assert honest["n_samples"] == 80 and honest["n_held_out"] == 100
+    distances, indices = metrics.nearest_neighbours(train[5:6], train)
+    assert distances.item() == 0 and indices.item() == 5
