@@ -59,11 +59,16 @@ LATENT_EXPLORER_NOTEBOOK = {
             "import torch\n",
             "\n",
             "from course_utils.autoencoders import latent_explorer\n",
-            "from course_utils.vae import MLPVAE\n",
             "\n",
-            "torch.manual_seed(0)\n",
-            "vae = MLPVAE(dim_z=2, dim_hidden=64, likelihood='bernoulli')  # any 2-D decoder will do\n",
-            "explorer = latent_explorer(lambda z: vae.mean_image(vae.decode(z)), z_range=(-3, 3))\n",
+            "rows, cols = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing='ij')\n",
+            "\n",
+            "\n",
+            "def decoder(z):  # a stand-in for a trained decoder: a blob that z moves around\n",
+            "    centre_x, centre_y = 14 + 4 * z[:, :1, None], 14 - 4 * z[:, 1:, None]\n",
+            "    return torch.exp(-((cols - centre_x) ** 2 + (rows - centre_y) ** 2) / 18)[:, None]\n",
+            "\n",
+            "\n",
+            "explorer = latent_explorer(decoder, z_range=(-3, 3))\n",
             "explorer"]},
     ],
     "metadata": {"kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python",
@@ -156,7 +161,7 @@ def browser(lab):
 # -- driving JupyterLab ------------------------------------------------------------------
 def open_notebook(browser, lab, relative: str):
     base, _ = lab
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page = browser.new_page(viewport={"width": 1400, "height": 1300})
     page.set_default_timeout(90_000)
     workspace = Path(relative).stem.replace("_", "-")  # one notebook per workspace: no restored tabs
     page.goto(f"{base}/lab/workspaces/{workspace}/tree/{relative}?token={TOKEN}&reset")
@@ -249,7 +254,7 @@ def test_latent_explorer_redraws_the_decoded_digit(browser, lab, screenshots):
     widget = cell(page, 1)
     image = widget.locator(".jp-OutputArea-output img.widget-image, .jp-OutputArea-output img").first
     image.wait_for()
-    widget.scroll_into_view_if_needed()
+    image.scroll_into_view_if_needed()
     before_src = image.get_attribute("src")
     before = image.screenshot(path=screenshots / "03-explorer-before.png")
     slider = widget.locator(".widget-slider").filter(has_text="h1")
@@ -259,6 +264,7 @@ def test_latent_explorer_redraws_the_decoded_digit(browser, lab, screenshots):
     page.wait_for_function("([img, old]) => img.getAttribute('src') !== old",
                            arg=[image.element_handle(), before_src])
     page.wait_for_timeout(300)
+    image.scroll_into_view_if_needed()
     after = image.screenshot(path=screenshots / "03-explorer-after.png")
     assert after != before, "the decoded digit did not change when h1 moved"
     readout = slider.locator(".widget-readout").inner_text()
