@@ -287,6 +287,15 @@ def _default_budget() -> str:
     return budget()
 
 
+def _add_course_settings(p: argparse.ArgumentParser) -> None:
+    """The settings `course train` and `course lab` share: budget, data, checkpoints, split."""
+    p.add_argument("--budget", help="smoke, classroom or full (default: $COURSE_BUDGET or by device)")
+    p.add_argument("--root", help="data root (default: $COURSE_DATA_DIR or the cache)")
+    p.add_argument("--checkpoint-dir", help="checkpoint cache (default: see course_utils.checkpoints)")
+    p.add_argument("--test-split", action="store_true",
+                   help="train on the first 8,000 MNIST test images, hold out the last 2,000")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="course", description="The deep generative models course: check the set-up, get the "
@@ -325,11 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_grade)
 
     p = sub.add_parser("lab", help="start JupyterLab at the first notebook, with the course's settings")
-    p.add_argument("--budget", help="smoke, classroom or full (default: $COURSE_BUDGET or by device)")
-    p.add_argument("--root", help="data root (default: $COURSE_DATA_DIR or the cache)")
-    p.add_argument("--checkpoint-dir", help="checkpoint cache (default: see course_utils.checkpoints)")
-    p.add_argument("--test-split", action="store_true",
-                   help="train on the first 8,000 MNIST test images, hold out the last 2,000")
+    _add_course_settings(p)
     p.add_argument("--folder", help="the course's checkout (default: ./ or the installed course)")
     p.add_argument("--ip", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
@@ -341,13 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a registered model; write its checkpoint and metrics.json")
     p.add_argument("model", help="a registered model, e.g. classifier")
-    p.add_argument("--budget", help="smoke, classroom or full (default: $COURSE_BUDGET or by device)")
+    _add_course_settings(p)
     p.add_argument("--max-seconds", type=float, default=None, help="wall-clock limit for training")
     p.add_argument("--out", help="folder for metrics.json (default: runs/MODEL-BUDGET)")
-    p.add_argument("--root", help="data root")
-    p.add_argument("--checkpoint-dir", help="checkpoint cache (default: see course_utils.checkpoints)")
-    p.add_argument("--test-split", action="store_true",
-                   help="train on the first 8,000 MNIST test images, hold out the last 2,000")
     p.add_argument("--device", help="force a device, e.g. cpu")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)

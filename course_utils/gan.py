@@ -1279,7 +1279,14 @@ def evaluate_gan(model: GAN, config: dict, device=None, classifier=None) -> dict
     code against the classifier's class).
     """
     from .data import as_tensors, describe, mnist
-    from .metrics import load_feature_net, memorisation_check, precision_recall, predict_proba, sample_quality
+    from .metrics import (
+        classifier_features,
+        load_feature_net,
+        memorisation_check,
+        precision_recall,
+        predict_proba,
+        sample_quality,
+    )
     from .runtime import get_device
 
     device = torch.device(device) if device is not None else get_device()
@@ -1299,10 +1306,10 @@ def evaluate_gan(model: GAN, config: dict, device=None, classifier=None) -> dict
         samples = model.sample(n, generator=generator)
     k = int(config.get("eval_k", 3))
     metrics: dict = {}
-    held_out_features = _features(classifier, held_out)
+    held_out_features = classifier_features(classifier, held_out)
     for prefix, images in (("", samples), ("floor_", train_images[:n])):
         quality = sample_quality(classifier, images, reference_features=held_out_features)
-        precision, recall = precision_recall(held_out_features, _features(classifier, images), k=k)
+        precision, recall = precision_recall(held_out_features, classifier_features(classifier, images), k=k)
         metrics.update({f"{prefix}fid": round(quality["fid"], 3), f"{prefix}kid": round(quality["kid"], 5),
                         f"{prefix}precision": round(precision, 4), f"{prefix}recall": round(recall, 4),
                         f"{prefix}classifier_score": round(quality["classifier_score"], 3),
@@ -1323,34 +1330,9 @@ def evaluate_gan(model: GAN, config: dict, device=None, classifier=None) -> dict
     return metrics
 
 
-def _features(classifier, images):
-    from .metrics import classifier_features
-
-    return classifier_features(classifier, images)
-
-
-def dcgan_config(budget_name: str | None = None) -> dict:
-    """:func:`gan_config` for ``course train dcgan``."""
-    return gan_config(budget_name, "dcgan")
-
-
-def wgan_gp_config(budget_name: str | None = None) -> dict:
-    """:func:`gan_config` for ``course train wgan-gp``."""
-    return gan_config(budget_name, "wgan-gp")
-
-
-def cgan_config(budget_name: str | None = None) -> dict:
-    """:func:`gan_config` for ``course train cgan``."""
-    return gan_config(budget_name, "cgan")
-
-
-def infogan_config(budget_name: str | None = None) -> dict:
-    """:func:`gan_config` for ``course train infogan``."""
-    return gan_config(budget_name, "infogan")
-
 __all__ = [
-    "GAN", "VARIANTS", "build_gan", "cgan_config", "course_train_config", "dcgan_config", "evaluate_gan",
-    "gan_config", "infogan_config", "recalibrate_batch_norm", "train_gan", "wgan_gp_config",
+    "GAN", "VARIANTS", "build_gan", "course_train_config", "evaluate_gan",
+    "gan_config", "recalibrate_batch_norm", "train_gan",
     "AdaIN", "DCGANDiscriminator", "DCGANGenerator", "HistoricalAverage", "InfoGANHead",
     "adain", "best_matching_accuracy", "channel_statistics", "feature_matching_loss",
     "historical_average_penalty", "info_loss", "instance_norm", "interpolate", "linear_assignment",

@@ -592,18 +592,6 @@ def pixelcnn_config(budget_name: str | None = None, variant: str = "gated-pixelc
     }
 
 
-def made_config(budget_name: str | None = None) -> dict:
-    return pixelcnn_config(budget_name, "made")
-
-
-def plain_pixelcnn_config(budget_name: str | None = None) -> dict:
-    return pixelcnn_config(budget_name, "pixelcnn")
-
-
-def gated_pixelcnn_config(budget_name: str | None = None) -> dict:
-    return pixelcnn_config(budget_name, "gated-pixelcnn")
-
-
 def course_train_config(budget_name: str | None = None, variant: str = "gated-pixelcnn",
                         seed: int = 0, max_seconds: float | None = None) -> dict:
     """The config exactly as ``course train VARIANT`` completes and caches it (see the VAE's)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from torch import nn
 
@@ -59,17 +60,17 @@ def _builtin_specs() -> list[ModelSpec]:
         ModelSpec("dcgan",
                   "DCGAN, hinge loss, spectral norm in D, EMA generator (FID/KID, precision/recall "
                   "vs the held-out digits, with the real-vs-real floor)",
-                  gan.dcgan_config, gan.build_gan, gan.train_gan, gan.evaluate_gan),
+                  partial(gan.gan_config, variant="dcgan"), gan.build_gan, gan.train_gan, gan.evaluate_gan),
         ModelSpec("wgan-gp",
                   "WGAN-GP: Wasserstein critic with the gradient penalty, same generator and figures",
-                  gan.wgan_gp_config, gan.build_gan, gan.train_gan, gan.evaluate_gan),
+                  partial(gan.gan_config, variant="wgan-gp"), gan.build_gan, gan.train_gan, gan.evaluate_gan),
         ModelSpec("cgan",
                   "class-conditional DCGAN (label embedding in G, projection D); also the "
                   "classifier's agreement with the requested digit",
-                  gan.cgan_config, gan.build_gan, gan.train_gan, gan.evaluate_gan),
+                  partial(gan.gan_config, variant="cgan"), gan.build_gan, gan.train_gan, gan.evaluate_gan),
         ModelSpec("infogan",
                   "InfoGAN: DCGAN plus a 10-way categorical code; also how well code and digit match",
-                  gan.infogan_config, gan.build_gan, gan.train_gan, gan.evaluate_gan),
+                  partial(gan.gan_config, variant="infogan"), gan.build_gan, gan.train_gan, gan.evaluate_gan),
     ]
 
 
