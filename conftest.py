@@ -5,7 +5,9 @@ budget, the shared MNIST files when they sit beside the checkout, a throw-away c
 cache, and quiet progress bars.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,3 +19,4 @@ if "COURSE_DATA_DIR" not in os.environ and (_shared / "MNIST" / "raw").is_dir():
     os.environ["COURSE_DATA_DIR"] = str(_shared)
 if "COURSE_CHECKPOINT_DIR" not in os.environ:
     os.environ["COURSE_CHECKPOINT_DIR"] = tempfile.mkdtemp(prefix="course-checkpoints-")
+    atexit.register(shutil.rmtree, os.environ["COURSE_CHECKPOINT_DIR"], ignore_errors=True)
