@@ -131,6 +131,11 @@ class MADE(nn.Module):
                 layers.append(nn.ReLU())
         self.net = nn.Sequential(*layers)
 
+    @property
+    def masks(self) -> list[torch.Tensor]:
+        """The layers' 0/1 masks, input to output (``out x in`` each)."""
+        return [layer.mask for layer in self.net if isinstance(layer, MaskedLinear)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits, the shape of ``x`` (images ``B x 1 x 28 x 28`` or vectors ``B x D``)."""
         return self.net(x.flatten(1)).reshape(x.shape)
@@ -354,14 +359,16 @@ def dependency_map(model, shape, position, y=None, draws: int = 8) -> torch.Tens
     x.requires_grad_(True)
     if y is not None:
         y = torch.as_tensor(y).reshape(-1).expand(draws)
-    was_training = model.training
-    model.eval()
+    was_training = getattr(model, "training", False)  # any callable works, not only modules
+    if was_training:
+        model.eval()
     try:
         out = model(x, y) if y is not None else model(x)  # grey levels: floats in [0, 1] work too
         row, col = position
         out[:, :, row, col].sum().backward()  # each draw's output depends on its own input only
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     return x.grad.abs().sum((0, 1))
 
 
@@ -662,7 +669,8 @@ def train_pixelcnn(model: nn.Module, config: dict, device=None, max_seconds: flo
 
 @torch.no_grad()
 def held_out_nll(model: nn.Module, images: torch.Tensor, labels=None, batch_size: int = 500) -> float:
-    """The mean exact NLL in nats per image over ``images`` (binary)."""
+    """The mean exact NLL in nats per image over ``images``: binary pixels, or grey-level classes
+    (``long``) for a model with ``levels > 2``."""
     total = 0.0
     model.eval()
     for start in range(0, len(images), batch_size):

@@ -263,28 +263,43 @@ class Sandbox:
         return found
 
     def resident_bytes(self) -> int:
+        """The memory the sandbox's processes hold: the sum of their proportional set sizes.
+
+        PSS shares each shared page among the processes that map it, so a forked child that
+        has not yet replaced itself (``exec``) by another program does not count the parent's
+        memory a second time. Falls back to the resident set size where PSS is not reported.
+        """
         total = 0
+        page = os.sysconf("SC_PAGE_SIZE")
         for pid in self.pids():
             try:
+                with open(f"/proc/{pid}/smaps_rollup") as f:
+                    total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+                continue
+            except (OSError, ValueError, IndexError, StopIteration):
+                pass
+            try:
                 with open(f"/proc/{pid}/statm") as f:
-                    total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                    total += int(f.read().split()[1]) * page
             except (OSError, ValueError, IndexError):
                 continue
         return total
 
     def watch(self, stop: threading.Event, interval: float = 0.2) -> None:
-        """Kill the sandbox when its processes hold more memory, or are more, than allowed."""
+        """Kill the sandbox when its processes are more, or hold more memory, than allowed.
+
+        The count comes first: a fork bomb is named as one, not as the memory its copies hold.
+        """
         if not Path("/proc").is_dir():
             return
         while not stop.wait(interval):
             if self.process.poll() is not None:
                 return
-            used = self.resident_bytes()
-            if used > self.limits.memory_bytes:
-                self.kill(f"used more than the memory limit of {self.limits.memory_bytes / 2**30:.1f} GB")
-                return
             if len(self.pids()) > self.limits.max_processes + 2:
                 self.kill(f"started more than {self.limits.max_processes} processes")
+                return
+            if self.resident_bytes() > self.limits.memory_bytes:
+                self.kill(f"used more than the memory limit of {self.limits.memory_bytes / 2**30:.1f} GB")
                 return
 
     def kill(self, reason: str | None = None) -> None:
