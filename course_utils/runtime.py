@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -86,8 +87,34 @@ def choose_threads(cores: int | None = None, load: float | None = None) -> int:
     cores = cores or os.cpu_count() or 1
     if load is None:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    busy = int(load + 0.5)  # cores other programs kept busy, on average over the last minute
+        # the one-minute average lags: right after another program stops it still reads ~1.5,
+        # and a process that starts then would train on one thread for its whole life. The
+        # cores busy right now are a lower bound that catches that case.
+        busy_now = cores_busy_now()
+        if busy_now is not None:
+            load = min(load, busy_now)
+    busy = int(load + 0.5)  # cores other programs keep busy
     return max(1, min(cores, cores - busy))
+
+
+def cores_busy_now(seconds: float = 0.25) -> float | None:
+    """How many cores were busy over the next ``seconds`` (Linux ``/proc/stat``), else None."""
+    def times():
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    try:
+        total_before, idle_before = times()
+        time.sleep(seconds)
+        total_after, idle_after = times()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = total_after - total_before
+    if total <= 0:
+        return None
+    return (os.cpu_count() or 1) * (1 - (idle_after - idle_before) / total)
 
 
 def configure_threads() -> int:

@@ -142,6 +142,36 @@ def test_sampling_repeats_with_a_seed_and_cropping_changes_nothing():
     assert not torch.equal(a, other)
 
 
+@pytest.mark.parametrize("levels,num_classes", [(2, None), (4, 10)])
+def test_gated_sampling_runs_the_vertical_stacks_once_per_row_for_the_same_samples(levels, num_classes):
+    torch.manual_seed(0)
+    model = ar.GatedPixelCNN(channels=6, num_layers=3, kernel_size=5, levels=levels,
+                             num_classes=num_classes).eval()
+    y = torch.tensor([1, 7]) if num_classes else None
+    x = torch.randint(0, levels, (2, 1, 9, 6)).float()
+    model_input = x.long() if levels > 2 else x
+    # the horizontal stacks on one row, with that row of the links, give that row of the logits
+    links = model.vertical_links(model_input, y)
+    full = model(model_input, y)
+    for row in (0, 4, 8):
+        one_row = model.horizontal_logits(model_input[:, :, row:row + 1],
+                                          [link[:, :, row:row + 1] for link in links], y)
+        assert torch.allclose(one_row[:, :, 0], full[:, :, row], atol=1e-5)
+    # and the links into a row do not depend on that row or any below it
+    changed = model_input.clone()
+    changed[:, :, 4:] = levels - 1 - changed[:, :, 4:]
+    for before, after in zip(links, model.vertical_links(changed, y), strict=True):
+        assert torch.equal(before[:, :, :5], after[:, :, :5]) and not torch.equal(before, after)
+    calls = []
+    model.layers[0].vertical.register_forward_hook(lambda *args: calls.append(1))
+    draw = lambda **kw: ar.sample(model, 2, (1, 9, 6), y=y,  # noqa: E731
+                                  generator=torch.Generator().manual_seed(3), **kw)
+    reused = draw()
+    assert len(calls) == 9  # once per row, not once per pixel
+    assert torch.equal(reused, draw(reuse_vertical=False))
+    assert torch.equal(reused, draw(reuse_vertical=False, crop_rows=False))
+
+
 def test_sampling_follows_the_model():
     # a PixelCNN whose logits are a constant bias: pixels are independent Bernoulli(sigmoid(b))
     model = ar.PixelCNN(channels=4, num_blocks=1, kernel_size=3)

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -96,6 +98,30 @@ def test_threads_are_the_cores_other_programs_leave_free(monkeypatch):
     monkeypatch.setenv("COURSE_THREADS", "many")
     with pytest.raises(CourseError, match="COURSE_THREADS"):
         choose_threads()
+
+
+def test_a_lagging_load_average_does_not_cost_a_thread(monkeypatch):
+    from course_utils import runtime
+
+    monkeypatch.delenv("COURSE_THREADS", raising=False)
+    # just after another program stopped: the one-minute average still says 1.5, the cores are idle
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (1.5, 1.2, 1.0))
+    monkeypatch.setattr(runtime, "cores_busy_now", lambda: 0.1)
+    assert runtime.choose_threads(cores=2) == 2
+    # another program busy right now and over the last minute: one thread
+    monkeypatch.setattr(runtime, "cores_busy_now", lambda: 1.0)
+    assert runtime.choose_threads(cores=2) == 1
+    # a burst that the minute's average has not seen yet does not take a core either
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert runtime.choose_threads(cores=2) == 2
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux only")
+def test_cores_busy_now_is_a_share_of_the_cores():
+    from course_utils.runtime import cores_busy_now
+
+    busy = cores_busy_now(0.05)
+    assert busy is not None and 0.0 <= busy <= os.cpu_count()
 
 
 def test_configure_threads_respects_a_hand_set_omp_num_threads(monkeypatch):
