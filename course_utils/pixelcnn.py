@@ -741,7 +741,8 @@ def held_out_nll(model: nn.Module, images: torch.Tensor, labels=None, batch_size
 def evaluate_pixelcnn(model: nn.Module, config: dict, device=None, classifier=None) -> dict:
     """Held-out NLL (nats, and bits/dim) on the VAE's fixed binarization; samples: quality, time.
 
-    ``sample_seconds_64`` times 64 digits drawn with row cropping on this machine.
+    ``sample_seconds_64`` times 64 digits drawn the default way (rows cropped; for the gated model
+    its vertical stacks once per row) on this machine.
     """
     import time
 
