@@ -610,7 +610,9 @@ def mu_law_decode(classes: torch.Tensor, levels: int = 256) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 # 7. The models behind `course train made / pixelcnn / gated-pixelcnn`
 # --------------------------------------------------------------------------------------
-VARIANTS = ("made", "pixelcnn", "gated-pixelcnn")
+VARIANTS = ("made", "pixelcnn", "gated-pixelcnn")  # binary pixels, NLL in nats
+GREY_VARIANT = "gated-pixelcnn-grey"                # 16 grey levels (4 bits), NLL in bits/dim
+GREY_LEVELS = 16
 
 
 def pixelcnn_config(budget_name: str | None = None, variant: str = "gated-pixelcnn") -> dict:
@@ -623,9 +625,10 @@ def pixelcnn_config(budget_name: str | None = None, variant: str = "gated-pixelc
     """
     from .runtime import by_budget
 
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
-    gated = variant == "gated-pixelcnn"
+    if variant not in (*VARIANTS, GREY_VARIANT):
+        raise ValueError(f"variant must be one of {(*VARIANTS, GREY_VARIANT)}, not {variant!r}")
+    grey = variant == GREY_VARIANT
+    gated = variant in ("gated-pixelcnn", GREY_VARIANT)
     cfg = by_budget(
         budget_name,
         # Measured on the 2-core CPU at an equal 150 s of training (held-out nats): the gated
@@ -647,11 +650,13 @@ def pixelcnn_config(budget_name: str | None = None, variant: str = "gated-pixelc
         samples=(8, 64, 1_000),
     )
     return {
-        "model": variant, "channels": cfg.channels, "layers": cfg.layers, "kernel_size": 7,
-        "layer_kernel_size": 7 if gated else 5, "made_hidden": cfg.made_hidden, "levels": 2,
+        "model": "gated-pixelcnn" if grey else variant, "channels": cfg.channels, "layers": cfg.layers,
+        "kernel_size": 7, "layer_kernel_size": 7 if gated else 5, "made_hidden": cfg.made_hidden,
+        "levels": GREY_LEVELS if grey else 2,
         "batch_size": 64, "lr": cfg.lr, "lr_warmup": 0.02,
         "final_lr_factor": 0.02, "epochs": cfg.epochs, "time_limit": cfg.time_limit,
-        "train_images": cfg.train_images, "binarize": "dynamic", "eval_binarize_seed": 0,
+        "train_images": cfg.train_images, "binarize": "none, 16 levels" if grey else "dynamic",
+        "eval_binarize_seed": 0,
         "eval_images": cfg.eval_images, "samples": cfg.samples, "budget": cfg.budget,
     }
 
@@ -698,8 +703,11 @@ def train_pixelcnn(model: nn.Module, config: dict, device=None, max_seconds: flo
 
     device = torch.device(device) if device is not None else get_device()
     images, labels, description = training_tensors(device, config.get("train_images"), images, labels)
+    levels = config.get("levels", 2)
+    if levels > 2:  # the classes themselves, no binarization
+        images = quantize(images, levels)
     loader = BatchLoader(images.to(device), labels.to(device), batch_size=config["batch_size"],
-                         shuffle=True, binarize=True, seed=config.get("seed", 0))
+                         shuffle=True, binarize=levels == 2, seed=config.get("seed", 0))
     limit = max_seconds if max_seconds is not None else config.get("time_limit")
     progress = Progress(config["epochs"] * len(loader), limit)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
@@ -752,22 +760,31 @@ def evaluate_pixelcnn(model: nn.Module, config: dict, device=None, classifier=No
 
     device = torch.device(device) if device is not None else get_device()
     model.to(device).eval()
-    test_set = mnist("test", binarize="fixed", binarize_seed=config.get("eval_binarize_seed", 0))
-    images, labels = as_tensors(test_set, device, limit=config.get("eval_images"))
+    levels = config.get("levels", 2)
+    if levels > 2:  # grey levels: the held-out digits' classes, nothing drawn
+        test_set = mnist("test")
+        images, labels = as_tensors(test_set, device, limit=config.get("eval_images"))
+        images = quantize(images, levels)
+    else:
+        test_set = mnist("test", binarize="fixed", binarize_seed=config.get("eval_binarize_seed", 0))
+        images, labels = as_tensors(test_set, device, limit=config.get("eval_images"))
     nll = held_out_nll(model, images)
     n = config.get("samples", 64)
     generator = torch.Generator().manual_seed(config.get("seed", 0))
     start = time.perf_counter()
     samples = sample(model, n, generator=generator)
     seconds = time.perf_counter() - start
+    if levels > 2:
+        samples = dequantize(samples.long(), levels)  # the classifier reads grey levels in [0, 1]
     classifier = classifier or load_feature_net(device=device)
     grey, _ = as_tensors(mnist("test"), device, limit=config.get("eval_images"))
     quality = sample_quality(classifier, samples, grey, kid_subset_size=min(n, len(grey), 1000))
     return {
         "test_nll": round(nll, 2), "test_bits_per_dim": round(bits_per_dim(nll, 784), 4),
         "test_images": len(images),
-        "test_data": (describe(test_set) + ", fixed binarization "
-                      f"(seed {config.get('eval_binarize_seed', 0)})"),
+        "test_data": describe(test_set) + (
+            f", {levels} grey levels" if levels > 2
+            else f", fixed binarization (seed {config.get('eval_binarize_seed', 0)})"),
         "samples": n, "sample_seconds": round(seconds, 2),
         "sample_seconds_64": round(seconds * 64 / n, 2),
         "confident_fraction": round(quality["confident_fraction"], 4),
@@ -777,8 +794,8 @@ def evaluate_pixelcnn(model: nn.Module, config: dict, device=None, classifier=No
 
 
 __all__ = [
-    "MADE", "VARIANTS", "CausalConv1d", "GatedLayer", "GatedPixelCNN", "MaskedConv2d",
-    "MaskedLinear", "PixelCNN", "WaveNet", "bits_per_dim", "build_pixelcnn", "causal_mask",
+    "GREY_LEVELS", "GREY_VARIANT", "MADE", "VARIANTS", "CausalConv1d", "GatedLayer", "GatedPixelCNN",
+    "MaskedConv2d",    "MaskedLinear", "PixelCNN", "WaveNet", "bits_per_dim", "build_pixelcnn", "causal_mask",
     "complete", "course_train_config", "dependency_map", "dequantize", "evaluate_pixelcnn",
     "future_mask", "held_out_nll", "log_likelihood", "made_masks", "mu_law_decode",
     "mu_law_encode", "nats_per_image", "nll_loss", "pixelcnn_config", "quantize",

@@ -84,6 +84,11 @@ def _builtin_specs() -> list[ModelSpec]:
                   "gated PixelCNN (vertical + horizontal stacks, no blind spot): the same figures",
                   partial(pixelcnn.pixelcnn_config, variant="gated-pixelcnn"), pixelcnn.build_pixelcnn,
                   pixelcnn.train_pixelcnn, pixelcnn.evaluate_pixelcnn),
+        ModelSpec("gated-pixelcnn-grey",
+                  "the gated PixelCNN on 16 grey levels (4 bits, a softmax per pixel): held-out "
+                  "bits/dim, samples",
+                  partial(pixelcnn.pixelcnn_config, variant="gated-pixelcnn-grey"),
+                  pixelcnn.build_pixelcnn, pixelcnn.train_pixelcnn, pixelcnn.evaluate_pixelcnn),
     ]
 
 

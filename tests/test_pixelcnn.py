@@ -253,6 +253,26 @@ def test_training_lowers_the_held_out_nll(variant):
     assert ar.build_pixelcnn(config).state_dict().keys() == model.state_dict().keys()
 
 
+def test_the_grey_level_variant_trains_on_classes_and_reports_bits_per_dim():
+    torch.manual_seed(0)
+    config = dict(ar.pixelcnn_config("smoke", ar.GREY_VARIANT), epochs=10, time_limit=None, seed=0, lr=5e-3)
+    assert config["levels"] == ar.GREY_LEVELS == 16 and config["model"] == "gated-pixelcnn"
+    model = ar.build_pixelcnn(config)
+    assert model.levels == 16
+    # grey bars: a mid-grey column next to a white one, never binarized
+    images = torch.zeros(256, 1, 28, 28)
+    columns = torch.randint(0, 27, (256,))
+    images[torch.arange(256), 0, :, columns] = 0.5
+    images[torch.arange(256), 0, :, columns + 1] = 1.0
+    classes = ar.quantize(images[:64], 16)
+    assert set(classes.unique().tolist()) == {0, 8, 15}
+    before = ar.held_out_nll(model, classes)
+    ar.train_pixelcnn(model, config, "cpu", images=images, progress=False, live_plot=False)
+    after = ar.held_out_nll(model, classes)
+    assert after < 0.5 * before, (before, after)
+    assert ar.bits_per_dim(after, 784) < 0.5 * ar.bits_per_dim(before, 784)
+
+
 @pytest.mark.parametrize("model", [ar.PixelCNN(channels=4, num_blocks=3, kernel_size=5),
                                    ar.GatedPixelCNN(channels=4, num_layers=3, kernel_size=5)])
 def test_rows_above_is_the_exact_reach_of_the_receptive_field(model):
