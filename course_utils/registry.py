@@ -38,6 +38,12 @@ def register(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
+def _variants(make_config, build, train, evaluate, descriptions: dict[str, str]) -> list[ModelSpec]:
+    """One spec per variant of a topic whose config function takes ``variant=NAME``."""
+    return [ModelSpec(name, description, partial(make_config, variant=name), build, train, evaluate)
+            for name, description in descriptions.items()]
+
+
 def _builtin_specs() -> list[ModelSpec]:
     from . import autoencoders, gan, metrics, pixelcnn, vae
 
@@ -57,38 +63,24 @@ def _builtin_specs() -> list[ModelSpec]:
         ModelSpec("vae",
                   "conv VAE on binarized MNIST (test -ELBO and IWAE NLL in nats, prior-sample quality)",
                   vae.vae_config, vae.build_vae, vae.train_vae, vae.evaluate_vae),
-        ModelSpec("dcgan",
-                  "DCGAN, hinge loss, spectral norm in D, EMA generator (FID/KID, precision/recall "
-                  "vs the held-out digits, with the real-vs-real floor)",
-                  partial(gan.gan_config, variant="dcgan"), gan.build_gan, gan.train_gan, gan.evaluate_gan),
-        ModelSpec("wgan-gp",
-                  "WGAN-GP: Wasserstein critic with the gradient penalty, same generator and figures",
-                  partial(gan.gan_config, variant="wgan-gp"), gan.build_gan, gan.train_gan, gan.evaluate_gan),
-        ModelSpec("cgan",
-                  "class-conditional DCGAN (label embedding in G, projection D); also the "
-                  "classifier's agreement with the requested digit",
-                  partial(gan.gan_config, variant="cgan"), gan.build_gan, gan.train_gan, gan.evaluate_gan),
-        ModelSpec("infogan",
-                  "InfoGAN: DCGAN plus a 10-way categorical code; also how well code and digit match",
-                  partial(gan.gan_config, variant="infogan"), gan.build_gan, gan.train_gan, gan.evaluate_gan),
-        ModelSpec("made",
-                  "MADE on binarized MNIST: masked MLP, exact NLL in nats (and bits/dim), samples",
-                  partial(pixelcnn.pixelcnn_config, variant="made"), pixelcnn.build_pixelcnn,
-                  pixelcnn.train_pixelcnn, pixelcnn.evaluate_pixelcnn),
-        ModelSpec("pixelcnn",
-                  "plain PixelCNN (mask A, then mask-B residual blocks): exact NLL, sample quality "
-                  "and the time to sample 64 digits",
-                  partial(pixelcnn.pixelcnn_config, variant="pixelcnn"), pixelcnn.build_pixelcnn,
-                  pixelcnn.train_pixelcnn, pixelcnn.evaluate_pixelcnn),
-        ModelSpec("gated-pixelcnn",
-                  "gated PixelCNN (vertical + horizontal stacks, no blind spot): the same figures",
-                  partial(pixelcnn.pixelcnn_config, variant="gated-pixelcnn"), pixelcnn.build_pixelcnn,
-                  pixelcnn.train_pixelcnn, pixelcnn.evaluate_pixelcnn),
-        ModelSpec("gated-pixelcnn-grey",
-                  "the gated PixelCNN on 16 grey levels (4 bits, a softmax per pixel): held-out "
-                  "bits/dim, samples",
-                  partial(pixelcnn.pixelcnn_config, variant="gated-pixelcnn-grey"),
-                  pixelcnn.build_pixelcnn, pixelcnn.train_pixelcnn, pixelcnn.evaluate_pixelcnn),
+        *_variants(gan.gan_config, gan.build_gan, gan.train_gan, gan.evaluate_gan, {
+            "dcgan": "DCGAN, hinge loss, spectral norm in D, EMA generator (FID/KID, precision/recall "
+                     "vs the held-out digits, with the real-vs-real floor)",
+            "wgan-gp": "WGAN-GP: Wasserstein critic with the gradient penalty, same generator and figures",
+            "cgan": "class-conditional DCGAN (label embedding in G, projection D); also the "
+                    "classifier's agreement with the requested digit",
+            "infogan": "InfoGAN: DCGAN plus a 10-way categorical code; also how well code and digit match",
+        }),
+        *_variants(pixelcnn.pixelcnn_config, pixelcnn.build_pixelcnn, pixelcnn.train_pixelcnn,
+                   pixelcnn.evaluate_pixelcnn, {
+            "made": "MADE on binarized MNIST: masked MLP, exact NLL in nats (and bits/dim), samples",
+            "pixelcnn": "plain PixelCNN (mask A, then mask-B residual blocks): exact NLL, sample quality "
+                        "and the time to sample 64 digits",
+            "gated-pixelcnn": "gated PixelCNN (vertical + horizontal stacks, no blind spot): "
+                              "the same figures",
+            "gated-pixelcnn-grey": "the gated PixelCNN on 16 grey levels (4 bits, a softmax per pixel): "
+                                   "held-out bits/dim, samples",
+        }),
     ]
 
 
