@@ -45,7 +45,7 @@ def _variants(make_config, build, train, evaluate, descriptions: dict[str, str])
 
 
 def _builtin_specs() -> list[ModelSpec]:
-    from . import autoencoders, gan, metrics, pixelcnn, vae
+    from . import autoencoders, diffusion, gan, metrics, pixelcnn, vae
 
     return [
         ModelSpec("classifier",
@@ -80,6 +80,14 @@ def _builtin_specs() -> list[ModelSpec]:
                               "the same figures",
             "gated-pixelcnn-grey": "the gated PixelCNN on 16 grey levels (4 bits, a softmax per pixel): "
                                    "held-out bits/dim, samples",
+        }),
+        *_variants(diffusion.diffusion_config, diffusion.build_diffusion, diffusion.train_diffusion,
+                   diffusion.evaluate_diffusion, {
+            "ddpm": "DDPM: a U-Net noise predictor, class-conditional with label dropout (so also "
+                    "unconditional and classifier-free guided); FID/KID, precision/recall with DDIM "
+                    "sampling and the real-vs-real floor, class agreement under guidance",
+            "latent-ddpm": "latent diffusion: an MLP denoiser in the topic-3 VAE's latent space "
+                           "(needs `course train vae`, trained first if missing); the same figures",
         }),
     ]
 
