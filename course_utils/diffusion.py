@@ -895,12 +895,12 @@ def diffusion_config(budget_name: str | None = None, variant: str = "ddpm") -> d
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
     cfg = by_budget(
         budget_name,
-        channels=([16, 32, 32], [32, 64, 64], [64, 128, 128]),
+        channels=([16, 32, 32], [24, 48, 64], [64, 128, 128]),
         blocks=(1, 1, 2),
         latent_hidden=(128, 512, 1024),
         latent_layers=(2, 4, 6),
         latent_steps=(40, 20_000, 100_000),
-        latent_time_limit=(20, 120, 1800),
+        latent_time_limit=(20, 240, 1800),
         steps=(40, 30_000, 100_000),
         time_limit=(20, 480, 3600),
         train_images=(2_000, None, None),
