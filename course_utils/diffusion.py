@@ -1089,13 +1089,7 @@ def evaluate_diffusion(model: nn.Module, config: dict, device=None, classifier=N
     digits on this machine.
     """
     from .data import as_tensors, describe, mnist
-    from .metrics import (
-        classifier_features,
-        load_feature_net,
-        precision_recall,
-        predict_proba,
-        sample_quality,
-    )
+    from .metrics import classifier_features, load_feature_net, predict_proba, sample_figures
     from .runtime import get_device
 
     device = torch.device(device) if device is not None else get_device()
@@ -1131,14 +1125,7 @@ def evaluate_diffusion(model: nn.Module, config: dict, device=None, classifier=N
     metrics: dict = {}
     for prefix, images in (("", samples), ("labels_", with_labels), ("guided_", guided),
                            ("floor_", train_images[:n])):
-        quality = sample_quality(classifier, images, reference_features=held_out_features,
-                                 kid_subset_size=min(1000, len(images)))
-        precision, recall = precision_recall(held_out_features, classifier_features(classifier, images), k=3)
-        metrics.update({f"{prefix}fid": round(quality["fid"], 3), f"{prefix}kid": round(quality["kid"], 5),
-                        f"{prefix}precision": round(precision, 4), f"{prefix}recall": round(recall, 4),
-                        f"{prefix}classifier_score": round(quality["classifier_score"], 3),
-                        f"{prefix}confident_fraction": round(quality["confident_fraction"], 4),
-                        f"{prefix}class_entropy": round(quality["class_entropy"], 4)})
+        metrics.update(sample_figures(classifier, images, held_out_features, prefix))
     for prefix, images in (("labels_", with_labels), ("guided_", guided)):
         predicted = predict_proba(classifier, images).argmax(1).cpu()
         agreement = (predicted == cycling[:len(images)]).float().mean()

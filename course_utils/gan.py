@@ -1283,9 +1283,8 @@ def evaluate_gan(model: GAN, config: dict, device=None, classifier=None) -> dict
         classifier_features,
         load_feature_net,
         memorisation_check,
-        precision_recall,
         predict_proba,
-        sample_quality,
+        sample_figures,
     )
     from .runtime import get_device
 
@@ -1308,13 +1307,7 @@ def evaluate_gan(model: GAN, config: dict, device=None, classifier=None) -> dict
     metrics: dict = {}
     held_out_features = classifier_features(classifier, held_out)
     for prefix, images in (("", samples), ("floor_", train_images[:n])):
-        quality = sample_quality(classifier, images, reference_features=held_out_features)
-        precision, recall = precision_recall(held_out_features, classifier_features(classifier, images), k=k)
-        metrics.update({f"{prefix}fid": round(quality["fid"], 3), f"{prefix}kid": round(quality["kid"], 5),
-                        f"{prefix}precision": round(precision, 4), f"{prefix}recall": round(recall, 4),
-                        f"{prefix}classifier_score": round(quality["classifier_score"], 3),
-                        f"{prefix}confident_fraction": round(quality["confident_fraction"], 4),
-                        f"{prefix}class_entropy": round(quality["class_entropy"], 4)})
+        metrics.update(sample_figures(classifier, images, held_out_features, prefix, k))
     metrics["n_samples"] = n
     metrics["test_data"] = f"the first {n:,} of {describe(test_set)}"
     metrics["floor_data"] = f"the first {n:,} of {describe(train_set)} against the same held-out digits"

@@ -56,6 +56,7 @@ from .runtime import CourseError, budget, by_budget, get_device, local_seed
 
 __all__ = [
     "frechet_distance",
+    "sample_figures",
     "gaussian_statistics",
     "fid",
     "kid",
@@ -718,6 +719,23 @@ def precision_recall(real_features, fake_features, k: int = 3, chunk: int = 1024
     precision = _share_inside(fake, real, knn_radii(real, k, chunk), chunk)
     recall = _share_inside(real, fake, knn_radii(fake, k, chunk), chunk)
     return precision, recall
+
+
+def sample_figures(classifier: nn.Module, images, reference_features, prefix: str = "", k: int = 3) -> dict:
+    """The figures a registered generator reports for a set of images, rounded for ``metrics.json``.
+
+    FID, KID, precision and recall (k-NN manifolds with ``k``) against ``reference_features``,
+    the classifier score, the confident fraction and the class entropy, each key starting with
+    ``prefix`` (``"floor_"`` for real digits, ``"guided_"``...).
+    """
+    quality = sample_quality(classifier, images, reference_features=reference_features)
+    precision, recall = precision_recall(reference_features, classifier_features(classifier, images), k=k)
+    figures = {"fid": round(quality["fid"], 3), "kid": round(quality["kid"], 5),
+               "precision": round(precision, 4), "recall": round(recall, 4),
+               "classifier_score": round(quality["classifier_score"], 3),
+               "confident_fraction": round(quality["confident_fraction"], 4),
+               "class_entropy": round(quality["class_entropy"], 4)}
+    return {prefix + key: value for key, value in figures.items()}
 
 
 def nearest_neighbours(queries, reference, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
