@@ -85,8 +85,7 @@ def main(argv=None) -> int:
         print(f"\n== {name} ({args.budget}; {trained['source']}) ==")
         print(json.dumps(figures[name], indent=1))
     if not args.no_gan:
-        n = next(iter(v["metrics"]["n_samples"] for k, v in figures.items() if isinstance(v, dict)
-                      and "metrics" in v))
+        n = diffusion.diffusion_config(args.budget)["eval_samples"]  # the same sample count as above
         figures["dcgan_fid"] = _dcgan_fid(args.budget, device, classifier, n)
     pixel, latent = figures.get("ddpm", {}).get("metrics"), figures.get("latent-ddpm", {}).get("metrics")
     print("\n== targets (issue 12; printed, not asserted) ==")

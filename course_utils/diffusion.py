@@ -784,6 +784,8 @@ class Diffusion(nn.Module):
     ``method="ddpm"`` runs all ``T`` steps.
     """
 
+    sample_shape = (1, 28, 28)  # one MNIST digit; LatentDiffusion passes its code's shape instead
+
     def __init__(self, net: nn.Module, schedule: NoiseSchedule):
         super().__init__()
         self.net, self.schedule = net, schedule
@@ -817,8 +819,6 @@ class Diffusion(nn.Module):
             raise ValueError(f"method must be 'ddim' or 'ddpm', not {method!r}")
         return ddim_sample(eps, schedule, shape, steps or self.schedule.num_steps, eta=eta,
                            generator=generator, progress=progress, **kwargs)
-
-    sample_shape = (1, 28, 28)
 
     def sample(self, n_or_labels, steps: int | None = 50, method: str = "ddim", eta: float = 0.0,
                guidance_scale: float = 1.0, generator=None, progress: bool | None = None) -> torch.Tensor:
