@@ -13,6 +13,7 @@ course's classifier (``course train classifier``):
   conditional model at scale 1) and with classifier-free guidance, and the real-vs-real floor
   (as many training digits against the same held-out digits);
 * the classifier's agreement with the requested digit under guidance;
+* with the digit drawn first and mild guidance (``--scales``, 1.5 by default): the same figures;
 * the seconds to sample 64 digits with 50 DDIM steps on this machine;
 * the DCGAN's FID in the same budget (``course train dcgan``'s checkpoint, when cached);
 * training steps, wall and CPU seconds, and the load average (these machines are shared);
@@ -33,6 +34,8 @@ def parse_args(argv=None):
     parser.add_argument("--budget", default="classroom", help="smoke, classroom or full")
     parser.add_argument("--only", action="append", help="ddpm or latent-ddpm (repeatable)")
     parser.add_argument("--no-gan", action="store_true", help="skip the DCGAN comparison")
+    parser.add_argument("--scales", type=float, nargs="*", default=[1.5],
+                        help="also score ddpm with the digit drawn first and guidance at these scales")
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     return parser.parse_args(argv)
@@ -81,6 +84,10 @@ def main(argv=None) -> int:
         metrics = diffusion.evaluate_diffusion(model, config, device, classifier)
         metrics["eval_wall_seconds"] = round(time.monotonic() - start, 1)
         metrics["load_after_eval"] = [round(x, 2) for x in os.getloadavg()]
+        if name == "ddpm":
+            for scale in args.scales:
+                metrics[f"labels_scale_{scale:g}"] = diffusion.label_first_figures(
+                    model, config, scale, device, classifier)
         figures[name] = {"training": trained, "metrics": metrics}
         print(f"\n== {name} ({args.budget}; {trained['source']}) ==")
         print(json.dumps(figures[name], indent=1))
@@ -96,6 +103,10 @@ def main(argv=None) -> int:
               f"first (scale 1) {pixel['labels_fid']:.2f}")
         print(f"confident (p >= 0.9; target >= 70%): unconditional {pixel['confident_fraction']:.1%}, "
               f"digit drawn first {pixel['labels_confident_fraction']:.1%}")
+        for scale in args.scales:
+            mild = pixel[f"labels_scale_{scale:g}"]
+            print(f"digit drawn first, guidance s = {scale:g}: FID {mild['fid']:.2f}, confident "
+                  f"{mild['confident_fraction']:.1%}, class agreement {mild['class_agreement']:.1%}")
         print(f"classifier-free guidance s = {pixel['guidance_scale']}: class agreement "
               f"{pixel['class_agreement']:.1%} (target >= 90%)")
         print(f"64 digits, {pixel['sampler']}: {pixel['sample_seconds_64']:.1f} s (target <= 20 s)")

@@ -1104,7 +1104,7 @@ def train_gan(model: GAN, config: dict, device=None, max_seconds: float | None =
     """
     from .data import BatchLoader, training_tensors
     from .runtime import get_device, in_ci, local_seed
-    from .training import EMA
+    from .training import EMA, stop_reason
     from .vae import Progress, lr_factor
 
     chosen = get_device()  # also picks the CPU thread count from the machine's load, once
@@ -1200,11 +1200,8 @@ def train_gan(model: GAN, config: dict, device=None, max_seconds: float | None =
                 raise FloatingPointError(f"the GAN's losses became infinite or NaN at step {step}")
             if on_step is not None:
                 on_step(step, history)
-            if step >= config["steps"]:
-                stopped_by = "steps"
-                break
-            if limit is not None and time.monotonic() - start >= limit:
-                stopped_by = "max_seconds"
+            stopped_by = stop_reason(step, config["steps"], start, limit)
+            if stopped_by:
                 break
     bar.close()
     seconds = time.monotonic() - start

@@ -45,7 +45,7 @@ def _variants(make_config, build, train, evaluate, descriptions: dict[str, str])
 
 
 def _builtin_specs() -> list[ModelSpec]:
-    from . import autoencoders, diffusion, gan, metrics, pixelcnn, vae
+    from . import autoencoders, diffusion, gan, metrics, pixelcnn, ssl, vae
 
     return [
         ModelSpec("classifier",
@@ -89,6 +89,15 @@ def _builtin_specs() -> list[ModelSpec]:
             "latent-ddpm": "latent diffusion: an MLP denoiser in the topic-3 VAE's latent space "
                            "(needs `course train vae`, trained first if missing); the same figures",
         }),
+        *_variants(ssl.ssl_config, ssl.build_ssl, ssl.train_ssl, ssl.evaluate_ssl, {
+            "rotation": "rotation prediction (0/90/180/270 degrees) with the course's SSL encoder; "
+                        "linear probes at 10/100/1,000 labels per class and k-NN on the held-out digits",
+            "context-encoder": "a context encoder: inpaint a hidden 12x12 patch (L2 in the hole plus a "
+                               "small adversarial loss); the same probes",
+            "simclr": "SimCLR: NT-Xent on two augmented views, a projection head the probes discard; "
+                      "the same probes",
+            "supervised-encoder": "the same encoder trained with every label: the probe table's ceiling",
+        }),
     ]
 
 
@@ -106,6 +115,38 @@ def get(name: str) -> ModelSpec:
     if name not in specs:
         raise CourseError(f"unknown model {name!r}: choose one of {', '.join(sorted(specs))}")
     return specs[name]
+
+
+def trained(name: str, max_seconds: float | None = None, device=None, budget_name: str | None = None,
+            **options):
+    """``(model, info)``: the checkpoint ``course train NAME`` cached, else trained now and cached.
+
+    Built from the same config and seed as the command, so the command's checkpoint is the one
+    found. When none is cached (or in the smoke budget, which always trains) the model trains for
+    ``max_seconds`` (else its own time limit). ``info['source']`` is ``"cache"`` or ``"trained"``,
+    ``info['metrics']`` the training facts.
+    """
+    from .checkpoints import load_or_train
+    from .runtime import get_device, seed_everything
+
+    spec = get(name)
+    config = training_config(name, budget_name)
+    device = get_device() if device is None else device
+    seed_everything(int(config.get("seed", 0)))  # as `course train` does before it builds the model
+    model, info = load_or_train(name, config, spec.build(config),
+                                lambda m: spec.train(m, config, device, max_seconds=max_seconds, **options),
+                                budget_name=budget_name)
+    return model.to(device).eval(), info
+
+
+def from_course_train(name: str, info: dict, budget_name: str | None = None) -> bool:
+    """Whether ``info`` (from :func:`trained`) is a cached run of ``course train NAME``: it ran
+    all its steps or (almost) its whole time limit, so claims about trained models hold for it."""
+    facts = info.get("metrics", {})
+    limit = training_config(name, budget_name).get("time_limit") or float("inf")
+    seconds = facts.get("train_seconds_fit", facts.get("train_seconds", facts.get("seconds", 0)))
+    return info.get("source") == "cache" and (facts.get("stopped_by") in ("steps", "epochs")
+                                             or seconds >= 0.9 * limit)
 
 
 def training_config(name: str, budget_name: str | None = None, seed: int = 0,

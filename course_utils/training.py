@@ -138,6 +138,16 @@ class LivePlot:
         plt.close(fig)
 
 
+def stop_reason(step: int, max_steps: int, start: float, max_seconds: float | None) -> str:
+    """Why a training loop stops after ``step`` steps: ``"steps"``, ``"max_seconds"`` (measured
+    from ``start``, a ``time.monotonic()``), or ``""`` to go on."""
+    if step >= max_steps:
+        return "steps"
+    if max_seconds is not None and time.monotonic() - start >= max_seconds:
+        return "max_seconds"
+    return ""
+
+
 def _to_device(batch, device, channels_last: bool):
     if isinstance(batch, torch.Tensor):
         batch = batch.to(device, non_blocking=True)

@@ -332,3 +332,7 @@ def test_registered_models_train_and_report_in_smoke(tmp_path, monkeypatch, data
         assert metrics["floor_fid"] < metrics["fid"]
         samples = model.sample(torch.tensor([3, 4]), steps=4)
         assert samples.shape == (2, 1, 28, 28)
+        if name == "ddpm":  # the benchmark's figures with the digit drawn first and mild guidance
+            mild = dm.label_first_figures(model, config, 1.5, device="cpu")
+            assert mild["n_samples"] == 100 and mild["guidance_scale"] == 1.5
+            assert math.isfinite(mild["fid"]) and 0 <= mild["class_agreement"] <= 1
