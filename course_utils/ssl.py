@@ -483,7 +483,7 @@ def ssl_config(budget_name: str | None = None, variant: str = "simclr") -> dict:
     """One method's pretraining, sized for a budget (JSON-able).
 
     Every method trains the same :class:`ConvEncoder` for the same wall-clock budget
-    (``time_limit``: 4 minutes in the classroom budget), with Adam, a short warm-up and a
+    (``time_limit``: 4 minutes in the classroom budget), with AdamW, a short warm-up and a
     cosine decay following step and clock. Batches: ``batch_size`` images (rotation sees
     each four times, SimCLR twice). ``adversarial_weight``: the context encoder's
     lambda_adv; ``temperature``/``augmentation``: SimCLR's.
