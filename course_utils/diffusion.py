@@ -1135,6 +1135,20 @@ def train_diffusion(model: nn.Module, config: dict, device=None, max_seconds: fl
             "train_data": description}
 
 
+def _sample_in_batches(model: nn.Module, count: int, labels: torch.Tensor | None = None, **kwargs):
+    """``count`` samples (for ``labels[i]`` when given) in batches of 250: bounded memory on a laptop."""
+    return torch.cat([model.sample(labels[rows] if labels is not None else len(rows), **kwargs)
+                      for rows in torch.arange(count).split(250)])
+
+
+def _class_agreement(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """The share of ``images`` the classifier reads as the digit asked for (``labels`` cycle on)."""
+    from .metrics import predict_proba
+
+    predicted = predict_proba(classifier, images).argmax(1).cpu()
+    return round(float((predicted == labels[:len(images)].cpu()).float().mean()), 4)
+
+
 def evaluate_diffusion(model: nn.Module, config: dict, device=None, classifier=None) -> dict:
     """Sample quality with ``eval_steps`` DDIM steps (eta 0) against the held-out digits.
 
@@ -1155,7 +1169,7 @@ def evaluate_diffusion(model: nn.Module, config: dict, device=None, classifier=N
     digits on this machine.
     """
     from .data import as_tensors, describe, mnist
-    from .metrics import classifier_features, load_feature_net, predict_proba, sample_figures
+    from .metrics import classifier_features, load_feature_net, sample_figures
     from .runtime import get_device
 
     device = torch.device(device) if device is not None else get_device()
@@ -1175,27 +1189,19 @@ def evaluate_diffusion(model: nn.Module, config: dict, device=None, classifier=N
     model.sample(64, steps=steps, generator=generator)
     sample_seconds = time.perf_counter() - start
 
-    def sample_in_batches(count: int, labels=None, **kwargs):
-        out = []
-        for rows in torch.arange(count).split(250):  # batches of 250: bounded memory on a laptop
-            out.append(model.sample(labels[rows] if labels is not None else len(rows), steps=steps,
-                                    generator=generator, **kwargs))
-        return torch.cat(out)
-
     start = time.perf_counter()
-    samples = sample_in_batches(n)
+    samples = _sample_in_batches(model, n, steps=steps, generator=generator)
     seconds = time.perf_counter() - start
     cycling = torch.arange(n) % 10
-    with_labels = sample_in_batches(n, cycling)
-    guided = sample_in_batches(n_guided, cycling, guidance_scale=scale)
+    with_labels = _sample_in_batches(model, n, cycling, steps=steps, generator=generator)
+    guided = _sample_in_batches(model, n_guided, cycling, steps=steps, generator=generator,
+                                guidance_scale=scale)
     metrics: dict = {}
     for prefix, images in (("", samples), ("labels_", with_labels), ("guided_", guided),
                            ("floor_", train_images[:n])):
         metrics.update(sample_figures(classifier, images, held_out_features, prefix))
     for prefix, images in (("labels_", with_labels), ("guided_", guided)):
-        predicted = predict_proba(classifier, images).argmax(1).cpu()
-        agreement = (predicted == cycling[:len(images)]).float().mean()
-        metrics[f"{prefix}class_agreement"] = round(float(agreement), 4)
+        metrics[f"{prefix}class_agreement"] = _class_agreement(classifier, images, cycling)
     metrics["class_agreement"] = metrics.pop("guided_class_agreement")
     metrics.update({
         "n_samples": n, "guided_samples": n_guided, "sampler": f"DDIM, {steps} steps, eta 0",
@@ -1218,7 +1224,7 @@ def label_first_figures(model: nn.Module, config: dict, guidance_scale: float, d
     scale's lost diversity raises it again (the lecture's scale sweep).
     """
     from .data import as_tensors, mnist
-    from .metrics import classifier_features, load_feature_net, predict_proba, sample_figures
+    from .metrics import classifier_features, load_feature_net, sample_figures
     from .runtime import get_device
 
     device = torch.device(device) if device is not None else get_device()
@@ -1229,13 +1235,11 @@ def label_first_figures(model: nn.Module, config: dict, guidance_scale: float, d
     n = min(n, len(held_out))
     generator = torch.Generator().manual_seed(int(config.get("seed", 0)))
     cycling = torch.arange(n) % 10
-    samples = torch.cat([model.sample(cycling[rows], steps=int(config.get("eval_steps", 50)),
-                                      generator=generator, guidance_scale=guidance_scale)
-                         for rows in torch.arange(n).split(250)])
+    samples = _sample_in_batches(model, n, cycling, steps=int(config.get("eval_steps", 50)),
+                                 generator=generator, guidance_scale=guidance_scale)
     figures = sample_figures(classifier, samples, classifier_features(classifier, held_out))
-    agreement = (predict_proba(classifier, samples).argmax(1).cpu() == cycling).float().mean()
-    return {**figures, "class_agreement": round(float(agreement), 4), "guidance_scale": guidance_scale,
-            "n_samples": n}
+    return {**figures, "class_agreement": _class_agreement(classifier, samples, cycling),
+            "guidance_scale": guidance_scale, "n_samples": n}
 
 
 __all__ = [
