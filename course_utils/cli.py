@@ -1,4 +1,4 @@
-"""The ``course`` command: check, data, exercises, grade, lab, train.
+"""The ``course`` command: check, data, exercises, grade, lab, train, benchmark.
 
 User mistakes (an unknown model, a missing data root, a bad budget name) end
 in one line starting with ``error:`` and exit status 2, never a traceback.
@@ -262,13 +262,14 @@ def cmd_train(args) -> int:
     print(f"training {spec.name} ({spec.description}) | budget {budget_name} | device {device} | "
           f"data: {config['data']}")
     model = spec.build(config)
-    start = time.monotonic()
+    start, cpu_start = time.monotonic(), time.process_time()
     train_info = spec.train(model, config, device, args.max_seconds) or {}
-    seconds = time.monotonic() - start
+    seconds, cpu_seconds = time.monotonic() - start, time.process_time() - cpu_start
     metrics = dict(spec.evaluate(model, config, device))
     metrics.update(train_info)
     metrics.update(model=spec.name, budget=budget_name, device=str(device), seed=args.seed,
-                   max_seconds=args.max_seconds, train_seconds=round(seconds, 1), train_data=config["data"],
+                   max_seconds=args.max_seconds, train_seconds=round(seconds, 1),
+                   train_cpu_seconds=round(cpu_seconds, 1), train_data=config["data"],
                    parameters=sum(p.numel() for p in model.parameters()))
     path = save_checkpoint(spec.name, model, config, metrics, directory=args.checkpoint_dir)
     out = Path(args.out or Path("runs") / f"{spec.name}-{budget_name}")
@@ -278,6 +279,42 @@ def cmd_train(args) -> int:
         print(f"  {key:<22} {value}")
     print(f"checkpoint: {path}")
     print(f"metrics:    {out / 'metrics.json'}")
+    return 0
+
+
+# -- course benchmark --------------------------------------------------------------
+def cmd_benchmark(args) -> int:
+    from . import benchmark, data
+    from .runtime import get_device
+
+    budget_name = check_budget(args.budget or os.environ.get(BUDGET_ENV) or _default_budget())
+    os.environ[BUDGET_ENV] = budget_name
+    if args.test_split:
+        os.environ[data.TEST_SPLIT_ENV] = "1"
+    if args.root:
+        os.environ[data.DATA_ENV] = str(Path(args.root).expanduser().resolve())
+    if args.checkpoint_dir:
+        from .checkpoints import CHECKPOINT_ENV
+
+        os.environ[CHECKPOINT_ENV] = str(Path(args.checkpoint_dir).expanduser().resolve())
+    if args.max_seconds is not None and not (math.isfinite(args.max_seconds) and args.max_seconds > 0):
+        raise CourseError(f"--max-seconds must be a positive number of seconds, not {args.max_seconds}")
+    if args.samples is not None and args.samples < 10:
+        raise CourseError(f"--samples must be at least 10, not {args.samples}")
+    if not data.split_available("test"):
+        raise CourseError(f"MNIST not found in {data.raw_folder()}: run `course data` or pass --root")
+    names = benchmark.BENCHMARKABLE if args.all else benchmark.LINEUP
+    if args.only:
+        names = tuple(name.strip() for part in args.only for name in part.split(",") if name.strip())
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        blocked = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
+        if blocked is not None:
+            raise CourseError(f"--out {out}: {blocked} is a file, not a folder")
+    table = benchmark.run_benchmark(names, budget_name, out, max_seconds=args.max_seconds,
+                                    samples=args.samples, seed=args.seed, device=get_device(args.device))
+    print()
+    print(benchmark.format_table(table))
     return 0
 
 
@@ -294,6 +331,25 @@ def _add_course_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-dir", help="checkpoint cache (default: see course_utils.checkpoints)")
     p.add_argument("--test-split", action="store_true",
                    help="train on the first 8,000 MNIST test images, hold out the last 2,000")
+
+
+def _add_benchmark_parser(sub) -> None:
+    from .benchmark import BENCHMARKABLE, LINEUP
+
+    p = sub.add_parser("benchmark", help="train or load every model family, measure them the same way, "
+                                          "write benchmark.json/.md and figures")
+    _add_course_settings(p)
+    p.add_argument("--only", action="append",
+                   help=f"models to run, comma-separated (default: {','.join(LINEUP)}; any of "
+                        f"{','.join(BENCHMARKABLE)})")
+    p.add_argument("--all", action="store_true", help="every benchmarkable model, not only the lineup")
+    p.add_argument("--out", help="folder for the table and figures (default: CHECKPOINTS/benchmark-BUDGET)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="train each missing model for at most this long (default: its budget's time)")
+    p.add_argument("--samples", type=int, default=None, help="samples per model (default: by budget)")
+    p.add_argument("--device", help="force a device, e.g. cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_benchmark)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="force a device, e.g. cpu")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
+
+    _add_benchmark_parser(sub)
     return parser
 
 

@@ -944,7 +944,7 @@ class LatentDiffusion(nn.Module):
 # --------------------------------------------------------------------------------------
 # 9. The registered models: `course train ddpm` and `course train latent-ddpm`
 # --------------------------------------------------------------------------------------
-VARIANTS = ("ddpm", "latent-ddpm")
+VARIANTS = ("ddpm", "ddpm-binary", "latent-ddpm")
 
 
 def diffusion_config(budget_name: str | None = None, variant: str = "ddpm") -> dict:
@@ -976,6 +976,8 @@ def diffusion_config(budget_name: str | None = None, variant: str = "ddpm") -> d
         eval_samples=(200, 2000, 10_000),
         guided_samples=(100, 500, 2000),
         eval_steps=(10, 50, 100),
+        bound_images=(100, 2000, 2000),
+        bound_t_samples=(4, 16, 100),
     )
     config = {
         "model": "Diffusion", "variant": variant, "schedule": "cosine", "num_steps": 1000,
@@ -987,6 +989,9 @@ def diffusion_config(budget_name: str | None = None, variant: str = "ddpm") -> d
         "guided_samples": cfg.guided_samples, "eval_steps": cfg.eval_steps, "guidance_scale": 3.0,
         "budget": cfg.budget,
     }
+    if variant == "ddpm-binary":  # binarized digits as -1/+1, so its bound compares with MADE's
+        config.update(binarize="dynamic", eval_binarize_seed=0, bound_images=cfg.bound_images,
+                      bound_t_samples=cfg.bound_t_samples)
     if variant == "latent-ddpm":
         config.update(model="LatentDiffusion", latent_hidden=cfg.latent_hidden,
                       latent_layers=cfg.latent_layers, batch_size=256, lr=1e-3,
@@ -1068,6 +1073,7 @@ def train_diffusion(model: nn.Module, config: dict, device=None, max_seconds: fl
     device = torch.device(device) if device is not None else chosen
     images, labels, description = training_tensors(device, config.get("train_images"), images, labels)
     latent = isinstance(model, LatentDiffusion)
+    binary = config.get("binarize") == "dynamic"  # a fresh Bernoulli draw of the bits per batch
     model.to(device)
     if latent:
         trained = _trained_vae(config, device, autoencoder_seconds)
@@ -1080,10 +1086,10 @@ def train_diffusion(model: nn.Module, config: dict, device=None, max_seconds: fl
         data = (mu - model.latent_mean) / model.latent_std
         diffusion = model.diffusion
     else:
-        data, diffusion = to_model_range(images), model
+        data, diffusion = images if binary else to_model_range(images), model
     seed = int(config.get("seed", 0))
     loader = BatchLoader(data.to(device), labels.to(device), batch_size=config["batch_size"],
-                         shuffle=True, drop_last=True, seed=seed)
+                         shuffle=True, drop_last=True, binarize=binary, seed=seed)
     limit = max_seconds if max_seconds is not None else config.get("time_limit")
     progress_fraction = Progress(config["steps"], limit)
     net = diffusion.net
@@ -1101,6 +1107,7 @@ def train_diffusion(model: nn.Module, config: dict, device=None, max_seconds: fl
         rng = torch.Generator().manual_seed(seed + 1)
         while not stopped_by:
             for x0, y in loader:
+                x0 = to_model_range(x0) if binary else x0
                 loss = ddpm_loss(net, x0, schedule, y if config.get("num_classes") else None,
                                  label_dropout=config.get("label_dropout", 0.0),
                                  weighting=config.get("weighting", "simple"), generator=rng)
@@ -1149,6 +1156,18 @@ def _class_agreement(classifier: nn.Module, images: torch.Tensor, labels: torch.
     return round(float((predicted == labels[:len(images)].cpu()).float().mean()), 4)
 
 
+@torch.no_grad()
+def held_out_bound(model: Diffusion, images: torch.Tensor, t_samples: int | None = 16, seed: int = 0,
+                   batch_size: int = 250) -> dict:
+    """The mean variational bound (:func:`nll_bound`, nats per image) of binarized ``images``
+    (0/1 pixels, as -1/+1) under the unconditional EMA model (the null label), with its parts."""
+    generator = torch.Generator().manual_seed(seed)
+    schedule = model.schedule.to(_device_of(model.ema_net), torch.float32)
+    parts = [nll_bound(model.denoiser(None), to_model_range(chunk), schedule, levels=2,
+                       t_samples=t_samples, generator=generator) for chunk in images.split(batch_size)]
+    return {key: float(torch.cat([p[key] for p in parts]).mean()) for key in parts[0]}
+
+
 def evaluate_diffusion(model: nn.Module, config: dict, device=None, classifier=None) -> dict:
     """Sample quality with ``eval_steps`` DDIM steps (eta 0) against the held-out digits.
 
@@ -1166,7 +1185,9 @@ def evaluate_diffusion(model: nn.Module, config: dict, device=None, classifier=N
 
     and ``floor_*``: ``N`` real training digits against the same held-out digits, what a perfect
     generator would score with these sample counts. ``sample_seconds_64``: 64 unconditional
-    digits on this machine.
+    digits on this machine. ``ddpm-binary`` also reports ``test_nll_bound``: the variational
+    bound in nats on the first ``bound_images`` held-out digits with the VAE's fixed, seeded
+    binarization (:func:`held_out_bound`, ``bound_t_samples`` timesteps per image).
     """
     from .data import as_tensors, describe, mnist
     from .metrics import classifier_features, load_feature_net, sample_figures
@@ -1203,6 +1224,13 @@ def evaluate_diffusion(model: nn.Module, config: dict, device=None, classifier=N
     for prefix, images in (("labels_", with_labels), ("guided_", guided)):
         metrics[f"{prefix}class_agreement"] = _class_agreement(classifier, images, cycling)
     metrics["class_agreement"] = metrics.pop("guided_class_agreement")
+    if config.get("binarize") == "dynamic":
+        bits_set = mnist("test", binarize="fixed", binarize_seed=config.get("eval_binarize_seed", 0))
+        bits, _ = as_tensors(bits_set, device, limit=config.get("bound_images"))
+        bound = held_out_bound(model, bits, config.get("bound_t_samples"), int(config.get("seed", 0)))
+        metrics.update(test_nll_bound=round(bound["total"], 2), bound_prior=round(bound["prior"], 3),
+                       bound_decoder=round(bound["decoder"], 2), bound_images=len(bits),
+                       bound_t_samples=config.get("bound_t_samples"))
     metrics.update({
         "n_samples": n, "guided_samples": n_guided, "sampler": f"DDIM, {steps} steps, eta 0",
         "guidance_scale": scale, "sample_seconds_64": round(sample_seconds, 2),
@@ -1247,6 +1275,7 @@ __all__ = [
     "NoisyClassifier", "ResidualBlock", "SelfAttention", "UNet", "VARIANTS", "build_diffusion",
     "cfg_combine", "classifier_guided", "conditional", "course_train_config", "ddim_invert",
     "ddim_sample", "ddim_step", "ddim_timesteps", "ddpm_loss", "ddpm_sample", "diffusion_config",
+    "held_out_bound",
     "evaluate_diffusion", "label_first_figures", "model_mean", "nll_bound", "noisy_classifier_loss",
     "posterior_mean_variance",
     "predict_eps", "predict_x0", "q_sample", "timestep_embedding", "to_model_range", "to_pixels",

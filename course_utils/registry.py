@@ -86,6 +86,8 @@ def _builtin_specs() -> list[ModelSpec]:
             "ddpm": "DDPM: a U-Net noise predictor, class-conditional with label dropout (so also "
                     "unconditional and classifier-free guided); FID/KID, precision/recall with DDIM "
                     "sampling and the real-vs-real floor, class agreement under guidance",
+            "ddpm-binary": "the DDPM on binarized digits (-1/+1, dynamic binarization): also its "
+                           "variational bound in nats on the VAE's binarization of the held-out digits",
             "latent-ddpm": "latent diffusion: an MLP denoiser in the topic-3 VAE's latent space "
                            "(needs `course train vae`, trained first if missing); the same figures",
         }),

@@ -501,18 +501,28 @@ class Progress:
 
     The learning-rate schedule and the KL warm-up follow it, so a run cut short
     by ``max_seconds`` still ends with a decayed learning rate and a full KL
-    weight (and a run that finishes its steps is exactly reproducible).
+    weight. The clock is read when ``step`` is set (after each optimizer step), not
+    when the fraction is asked for: a run that finishes its steps well inside its
+    time limit then follows the step fraction alone and is exactly reproducible.
     """
 
     def __init__(self, total_steps: int, max_seconds: float | None):
         self.total_steps, self.max_seconds = max(int(total_steps), 1), max_seconds
         self.start = time.monotonic()
-        self.step = 0
+        self._step, self._seconds = 0, 0.0
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step, self._seconds = value, time.monotonic() - self.start
 
     def __call__(self) -> float:
-        fraction = self.step / self.total_steps
+        fraction = self._step / self.total_steps
         if self.max_seconds:
-            fraction = max(fraction, (time.monotonic() - self.start) / self.max_seconds)
+            fraction = max(fraction, self._seconds / self.max_seconds)
         return min(fraction, 1.0)
 
 

@@ -112,6 +112,7 @@ def test_train_writes_checkpoint_and_metrics(model, tmp_path, data_dir):
     assert metrics["budget"] == "smoke" and metrics["model"] == model
     assert "8,000/2,000" in metrics["train_data"]  # never reported as "MNIST train"
     assert metrics["train_seconds"] < 60
+    assert 0 < metrics["train_cpu_seconds"] < 60 * os.cpu_count()  # every thread's CPU time
     checkpoints = list((tmp_path / "ckpt").glob(f"{model}-*.pt"))
     sidecars = list((tmp_path / "ckpt").glob(f"{model}-*.json"))
     assert len(checkpoints) == 1 and len(sidecars) == 1

@@ -301,3 +301,22 @@ def test_evaluate_vae_reports_nats_and_k(data_dir, monkeypatch):
     assert 400 < result["test_iwae_nll"] <= result["test_neg_elbo"] + 1e-3
     assert "fixed binarization" in result["test_data"]
     assert 0 <= result["prior_confident_fraction"] <= 1 and result["prior_samples"] == 20
+
+
+def test_progress_reads_the_clock_only_when_a_step_is_done(monkeypatch):
+    from course_utils import vae as vae_module
+
+    clock = [100.0]
+    monkeypatch.setattr(vae_module.time, "monotonic", lambda: clock[0])
+    progress = vae_module.Progress(10, max_seconds=20)
+    clock[0] += 5          # setting up the first batch: no step done, so no progress yet
+    assert progress() == 0
+    progress.step = 1      # 1 of 10 steps after 5 of 20 s: the clock is ahead
+    assert progress() == 0.25
+    progress.step = 6      # 6 of 10 steps, still 5 s: the steps are ahead
+    assert progress() == 0.6
+    clock[0] += 100        # past the limit, but the fraction waits for the next step
+    assert progress() == 0.6
+    progress.step = 7
+    assert progress() == 1.0
+    assert vae_module.Progress(10, max_seconds=None)() == 0
