@@ -123,8 +123,8 @@ def trained_model(name: str, budget_name: str, device, max_seconds: float | None
         f"up to {max_seconds or config.get('time_limit')} s")
     wall, cpu = time.perf_counter(), time.process_time()
     facts = dict(spec.train(model, config, device, max_seconds) or {})
-    facts.update(train_seconds=round(time.perf_counter() - wall, 1),
-                 train_cpu_seconds=round(time.process_time() - cpu, 1), max_seconds=max_seconds,
+    facts.update(train_seconds=round(time.perf_counter() - wall, 2),
+                 train_cpu_seconds=round(time.process_time() - cpu, 2), max_seconds=max_seconds,
                  train_data=config["data"], parameters=sum(p.numel() for p in model.parameters()),
                  device=str(device))
     save_checkpoint(name, model, config, facts)

@@ -48,9 +48,10 @@ def test_the_table_has_a_row_for_every_family_with_every_figure(smoke_run):
         for key in FIGURES:
             assert math.isfinite(row[key]), (name, key)
         assert row["parameters"] > 1_000 and row["sample_seconds_64"] > 0
-        assert row["train_seconds"] > 0 and row["train_cpu_seconds"] > 0, name  # trained by this run
+        assert row["train_seconds"] > 0 and row["train_cpu_seconds"] >= 0, name  # trained by this run
         assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
         assert ("nll_nats" in row) == (name in WITH_LIKELIHOOD), name
+    assert sum(row["train_cpu_seconds"] for row in rows.values()) > 1
     uniform = 784 * math.log(2)  # a model that learned nothing: one fair coin per pixel
     assert rows["made"]["nll_kind"] == rows["gated-pixelcnn"]["nll_kind"] == "exact"
     assert rows["made"]["nll_nats"] < uniform
