@@ -119,8 +119,9 @@ def trained_model(name: str, budget_name: str, device, max_seconds: float | None
         say(f"{name}: the cached checkpoint is a short run; retraining for the budget's time")
         seed_everything(int(config.get("seed", 0)))
         model = spec.build(config)
+    limit = max_seconds or config.get("time_limit")
     say(f"{name}: training ({spec.description.split(':')[0].split(' (')[0]}), "
-        f"up to {max_seconds or config.get('time_limit')} s")
+        + (f"up to {limit} s" if limit else "all its steps"))
     wall, cpu = time.perf_counter(), time.process_time()
     facts = dict(spec.train(model, config, device, max_seconds) or {})
     facts.update(train_seconds=round(time.perf_counter() - wall, 2),
