@@ -43,7 +43,6 @@ from pathlib import Path
 
 import torch
 
-NATS_PER_BIT = math.log(2)
 PIXELS = 28 * 28
 
 # name -> (family, how it defines p(x)); the order is the table's.
@@ -86,8 +85,11 @@ def benchmark_settings(budget_name: str | None = None, samples: int | None = Non
 
 
 def bits_per_dim(nats_per_image: float, dims: int = PIXELS) -> float:
-    """:math:`\\text{bits/dim} = \\text{nats} / (D \\ln 2)`."""
-    return nats_per_image / (dims * NATS_PER_BIT)
+    """:func:`course_utils.pixelcnn.bits_per_dim` with MNIST's ``D = 784`` as the default
+    (``dims=1``: bits per image)."""
+    from .pixelcnn import bits_per_dim as per_dimension
+
+    return per_dimension(nats_per_image, dims)
 
 
 # -------------------------------------------------------------------------------------------
@@ -298,9 +300,11 @@ def default_folder(budget_name: str) -> Path:
 
 
 def machine() -> dict:
-    """The machine a table came from (times mean nothing without it)."""
-    from .runtime import get_device
+    """The machine a table came from (times mean nothing without it): ``course check``'s
+    environment plus the processor and the load average."""
+    from .runtime import describe_environment
 
+    environment = describe_environment()
     cpu = platform.processor() or platform.machine()
     try:
         names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -308,12 +312,11 @@ def machine() -> dict:
         cpu = names[0] if names else cpu
     except OSError:
         pass
-    device = get_device()
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "device": str(device), "torch": torch.__version__,
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": environment["cpu_threads"],
+            "device": environment["device"], "torch": environment["torch"],
             "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
+    if "gpu" in environment:
+        info["gpu"] = environment["gpu"]
     return info
 
 

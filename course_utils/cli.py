@@ -233,29 +233,47 @@ def cmd_lab(args) -> int:
 
 
 # -- course train ------------------------------------------------------------------
-def cmd_train(args) -> int:
-    from . import data, registry
-    from .checkpoints import save_checkpoint
-    from .runtime import get_device, seed_everything
+def _check_max_seconds(max_seconds: float | None) -> None:
+    if max_seconds is not None and not (math.isfinite(max_seconds) and max_seconds > 0):
+        raise CourseError(f"--max-seconds must be a positive number of seconds, not {max_seconds}")
 
-    spec = registry.get(args.model)
-    if args.max_seconds is not None and not (math.isfinite(args.max_seconds) and args.max_seconds > 0):
-        raise CourseError(f"--max-seconds must be a positive number of seconds, not {args.max_seconds}")
-    out = Path(args.out or Path("runs") / f"{spec.name}-{args.budget or 'default'}")
-    for folder, option in ((out, "--out"), (Path(args.checkpoint_dir) if args.checkpoint_dir else None,
-                                            "--checkpoint-dir")):
-        blocked = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None) \
-            if folder is not None else None
+
+def _check_folders(*folders: tuple[Path | None, str]) -> None:
+    """Each ``(folder, option)`` can be created: nothing on its path is a file."""
+    for folder, option in folders:
+        if folder is None:
+            continue
+        blocked = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
         if blocked is not None:
             raise CourseError(f"{option} {folder}: {blocked} is a file, not a folder")
+
+
+def _apply_course_settings(args) -> str:
+    """The budget, split and data root of ``args`` into the environment, where the data module and
+    the models' specs read them; the budget's name. MNIST's test split must be there."""
+    from . import data
+
     budget_name = check_budget(args.budget or os.environ.get(BUDGET_ENV) or _default_budget())
-    os.environ[BUDGET_ENV] = budget_name  # the data module and the spec read it
+    os.environ[BUDGET_ENV] = budget_name
     if args.test_split:
         os.environ[data.TEST_SPLIT_ENV] = "1"
     if args.root:
         os.environ[data.DATA_ENV] = str(Path(args.root).expanduser().resolve())
     if not data.split_available("test"):
         raise CourseError(f"MNIST not found in {data.raw_folder()}: run `course data` or pass --root")
+    return budget_name
+
+
+def cmd_train(args) -> int:
+    from . import registry
+    from .checkpoints import save_checkpoint
+    from .runtime import get_device, seed_everything
+
+    spec = registry.get(args.model)
+    _check_max_seconds(args.max_seconds)
+    _check_folders((Path(args.out or Path("runs") / f"{spec.name}-{args.budget or 'default'}"), "--out"),
+                   (Path(args.checkpoint_dir) if args.checkpoint_dir else None, "--checkpoint-dir"))
+    budget_name = _apply_course_settings(args)
     device = get_device(args.device)
     seed_everything(args.seed)
     config = registry.training_config(spec.name, budget_name, args.seed, args.max_seconds)
@@ -284,33 +302,22 @@ def cmd_train(args) -> int:
 
 # -- course benchmark --------------------------------------------------------------
 def cmd_benchmark(args) -> int:
-    from . import benchmark, data
+    from . import benchmark
     from .runtime import get_device
 
-    budget_name = check_budget(args.budget or os.environ.get(BUDGET_ENV) or _default_budget())
-    os.environ[BUDGET_ENV] = budget_name
-    if args.test_split:
-        os.environ[data.TEST_SPLIT_ENV] = "1"
-    if args.root:
-        os.environ[data.DATA_ENV] = str(Path(args.root).expanduser().resolve())
+    _check_max_seconds(args.max_seconds)
+    if args.samples is not None and args.samples < 10:
+        raise CourseError(f"--samples must be at least 10, not {args.samples}")
+    out = Path(args.out) if args.out else None
+    _check_folders((out, "--out"))
     if args.checkpoint_dir:
         from .checkpoints import CHECKPOINT_ENV
 
         os.environ[CHECKPOINT_ENV] = str(Path(args.checkpoint_dir).expanduser().resolve())
-    if args.max_seconds is not None and not (math.isfinite(args.max_seconds) and args.max_seconds > 0):
-        raise CourseError(f"--max-seconds must be a positive number of seconds, not {args.max_seconds}")
-    if args.samples is not None and args.samples < 10:
-        raise CourseError(f"--samples must be at least 10, not {args.samples}")
-    if not data.split_available("test"):
-        raise CourseError(f"MNIST not found in {data.raw_folder()}: run `course data` or pass --root")
+    budget_name = _apply_course_settings(args)
     names = benchmark.BENCHMARKABLE if args.all else benchmark.LINEUP
     if args.only:
         names = tuple(name.strip() for part in args.only for name in part.split(",") if name.strip())
-    out = Path(args.out) if args.out else None
-    if out is not None:
-        blocked = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
-        if blocked is not None:
-            raise CourseError(f"--out {out}: {blocked} is a file, not a folder")
     table = benchmark.run_benchmark(names, budget_name, out, max_seconds=args.max_seconds,
                                     samples=args.samples, seed=args.seed, device=get_device(args.device))
     print()
